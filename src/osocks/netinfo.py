@@ -1,0 +1,57 @@
+"""Which addresses are this host's own (Linux /proc), and which are never a fair destination."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+
+from .rules import Address
+
+_CACHE_SECONDS = 5.0
+_cache: tuple[float, frozenset[Address]] = (-1e9, frozenset())
+
+
+def _ipv4_local() -> set[Address]:
+    found: set[Address] = set()
+    last = ""
+    with open("/proc/net/fib_trie") as f:
+        for line in f:
+            stripped = line.strip()
+            if stripped.startswith("|--"):
+                last = stripped[3:].strip()
+            elif stripped == "/32 host LOCAL" and last:
+                found.add(ipaddress.IPv4Address(last))
+    return found
+
+
+def _ipv6_local() -> set[Address]:
+    found: set[Address] = set()
+    with open("/proc/net/if_inet6") as f:
+        for line in f:
+            fields = line.split()
+            if fields:
+                found.add(ipaddress.IPv6Address(bytes.fromhex(fields[0])))
+    return found
+
+
+def local_addresses() -> frozenset[Address]:
+    """Every address configured on this host (cached for a few seconds)."""
+    global _cache
+    now = time.monotonic()
+    if now - _cache[0] < _CACHE_SECONDS:
+        return _cache[1]
+    found: set[Address] = set()
+    for read in (_ipv4_local, _ipv6_local):
+        try:
+            found |= read()
+        except (OSError, ValueError):
+            pass
+    _cache = (now, frozenset(found))
+    return _cache[1]
+
+
+def is_local(address: Address) -> bool:
+    """Loopback, unspecified, or one of this host's own addresses."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback or address.is_unspecified or address in local_addresses()

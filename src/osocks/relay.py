@@ -1,0 +1,88 @@
+"""Moves bytes both ways between two transports: the hot path.
+
+Each side of a tunnel is a `RelayEnd` protocol whose `peer` is the other side.
+Back-pressure: when a side's transport has too much to write, it stops reading
+the peer (`pause_writing` → `peer.pause_reading`).  Half-close: an EOF from one
+side becomes a shutdown of writing on the other; the tunnel closes once both
+sides have sent EOF.  A reset or error on one side aborts the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+
+class RelayEnd(asyncio.Protocol):
+    __slots__ = ("transport", "peer", "received", "eof", "lost", "on_closed", "started")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.peer: RelayEnd = None  # type: ignore[assignment]
+        self.received = 0  # bytes read from this side
+        self.eof = False
+        self.lost = False
+        self.started = False
+        self.on_closed: Callable[[], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if not self.started:
+            transport.pause_reading()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer.eof:
+            self.transport.close()
+            peer.transport.close()
+        elif not peer.lost:
+            peer.transport.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        peer = self.peer
+        if peer.lost:
+            if self.on_closed is not None:
+                self.on_closed()
+        elif exc is not None:
+            peer.transport.abort()
+        else:
+            peer.transport.close()
+
+
+def link(client: RelayEnd, upstream: RelayEnd) -> None:
+    client.peer, upstream.peer = upstream, client
+
+
+def start(client: RelayEnd, upstream: RelayEnd, client_transport: asyncio.Transport, early_data: bytes) -> None:
+    """Hand the client transport to the relay and let bytes flow.
+
+    `upstream` has been connected paused (its `started` was False), so nothing
+    from the destination reaches the client before the SOCKS reply does.
+    """
+    client.started = upstream.started = True
+    client.transport = client_transport
+    client_transport.set_protocol(client)
+    if early_data:
+        client.received += len(early_data)
+        upstream.transport.write(early_data)
+    upstream.transport.resume_reading()
+    client_transport.resume_reading()
+
+
+def abort(client: RelayEnd, upstream: RelayEnd) -> None:
+    for end in (client, upstream):
+        if end.transport is not None and not end.lost:
+            end.transport.abort()

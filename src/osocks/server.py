@@ -1,0 +1,258 @@
+"""Listeners, the live-session registry, limits, counters, reload and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import __version__, netinfo
+from .rules import allowed
+from .session import COMMAND, RELAY, Session, _endpoint
+from .settings import Settings
+from .socks5 import ProtocolError, ReplyCode
+
+log = logging.getLogger("osocks")
+
+Resolver = Callable[[str, int, int], Awaitable[list[tuple[int, tuple]]]]
+
+LISTEN_FIELDS = ("listen", "port", "family", "interfaces")
+
+
+class ListenError(Exception):
+    """A listening socket could not be opened; the message says which and why."""
+
+
+class Counters:
+    __slots__ = (
+        "started", "total", "peak", "refused", "denied", "auth_failures", "replies",
+        "bytes_up", "bytes_down", "udp_associations", "udp_datagrams", "udp_bytes",
+    )
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.total = self.peak = self.refused = self.denied = self.auth_failures = 0
+        self.replies = [0] * len(ReplyCode)
+        self.bytes_up = self.bytes_down = 0  # of finished sessions; live ones are added in status()
+        self.udp_associations = self.udp_datagrams = self.udp_bytes = 0
+
+    def replied(self, code: ReplyCode) -> None:
+        self.replies[code] += 1
+
+
+async def system_resolver(host: str, port: int, family: int) -> list[tuple[int, tuple]]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
+    return [(info[0], info[4]) for info in infos]
+
+
+class Server:
+    def __init__(self, settings: Settings, resolver: Resolver = system_resolver) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.counters = Counters()
+        self.live: set[Session] = set()
+        self.listeners: dict[tuple[str, int], asyncio.AbstractServer] = {}
+        self._ticker: asyncio.TimerHandle | None = None
+        self.closed = asyncio.Event()
+
+    # -- listeners ---------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._open_listeners(self.settings)
+        self._tick()
+
+    def listen_addresses(self, settings: Settings) -> list[tuple[str, int]]:
+        addresses = list(settings.listen)
+        if settings.family == "ipv4":
+            addresses = [a for a in addresses if ipaddress.ip_address(a).version == 4]
+        elif settings.family == "ipv6":
+            addresses = [a for a in addresses if ipaddress.ip_address(a).version == 6]
+        return [(address, settings.port) for address in dict.fromkeys(addresses)]
+
+    async def _open_listeners(self, settings: Settings) -> list[str]:
+        wanted = self.listen_addresses(settings)
+        if not wanted and not settings.interfaces:
+            raise ListenError(f"no listen address of family {settings.family}")
+        opened: dict[tuple[str, int], asyncio.AbstractServer] = {}
+        try:
+            for address in wanted:
+                if address not in self.listeners:
+                    sock = _listening_socket(address, settings, wanted)
+                    opened[address] = await asyncio.get_running_loop().create_server(
+                        lambda: Session(self), sock=sock, backlog=1024
+                    )
+        except BaseException:
+            for listener in opened.values():
+                listener.close()
+            raise
+        for address in list(self.listeners):
+            if address not in wanted:
+                self.listeners.pop(address).close()
+        self.listeners.update(opened)
+        return [_endpoint(address) for address in opened]
+
+    def bound_addresses(self) -> list[tuple[str, int]]:
+        bound = []
+        for listener in self.listeners.values():
+            for sock in listener.sockets:
+                bound.append(sock.getsockname()[:2])
+        return bound
+
+    # -- sessions ----------------------------------------------------------
+
+    def admit(self, session: Session) -> bool:
+        counters = self.counters
+        settings = self.settings
+        if settings.client_rules:
+            address = ipaddress.ip_address(session.client[0])
+            if not allowed(settings.client_rules, address):
+                counters.denied += 1
+                log.info("client %s denied by rule", _endpoint(session.client))
+                return False
+        if settings.max_sessions and len(self.live) >= settings.max_sessions:
+            counters.refused += 1
+            log.warning("client %s refused: %d sessions live (limit)", _endpoint(session.client), len(self.live))
+            return False
+        self.live.add(session)
+        counters.total += 1
+        if len(self.live) > counters.peak:
+            counters.peak = len(self.live)
+        return True
+
+    def session_finished(self, session: Session) -> None:
+        if session not in self.live:
+            return
+        self.live.discard(session)
+        up, down = session.bytes_moved()
+        self.counters.bytes_up += up
+        self.counters.bytes_down += down
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "client %s -> %s: up %d down %d bytes in %.3fs, %s",
+                _endpoint(session.client), session.target or "-", up, down,
+                time.monotonic() - session.started, session.outcome,
+            )
+
+    async def resolve(self, host: str, port: int) -> list[tuple[int, tuple]]:
+        family = {"any": socket.AF_UNSPEC, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}[self.settings.family]
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            addresses = await self.resolver(host, port, family)
+            if not addresses:
+                raise socket.gaierror(socket.EAI_NONAME, "name has no address") from None
+            return addresses
+        if family == socket.AF_INET and ip.version == 6 or family == socket.AF_INET6 and ip.version == 4:
+            raise ProtocolError(f"IPv{ip.version} destinations are off (-{10 - ip.version})",
+                                ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
+        if ip.version == 4:
+            return [(socket.AF_INET, (host, port))]
+        return [(socket.AF_INET6, (host, port, 0, 0))]
+
+    def destination_allowed(self, host: str, port: int) -> bool:
+        address = ipaddress.ip_address(host.partition("%")[0])
+        if not self.settings.allow_local and netinfo.is_local(address):
+            return False
+        return allowed(self.settings.dest_rules, address, port)
+
+    def source_address(self, family: int) -> tuple[str, int] | None:
+        source = self.settings.bind_address
+        if source is None:
+            return None
+        version = 4 if family == socket.AF_INET else 6
+        return (source, 0) if ipaddress.ip_address(source).version == version else None
+
+    async def run_command(self, session: Session, request: Any) -> None:
+        session.fail(ReplyCode.COMMAND_NOT_SUPPORTED, f"command {request.command:#04x} not supported")
+
+    # -- timeouts: one sweep for all sessions ------------------------------
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for session in list(self.live):
+            settings = session.settings
+            if session.state < COMMAND:
+                if now - session.started > settings.handshake_timeout:
+                    session.abort("handshake timeout")
+            elif session.state == RELAY:
+                up, down = session.bytes_moved()
+                if up + down != session.seen_bytes:
+                    session.seen_bytes = up + down
+                    session.active = now
+                elif now - session.active > settings.idle_timeout:
+                    session.abort("idle timeout")
+        s = self.settings
+        interval = min(1.0, max(0.05, min(s.handshake_timeout, s.idle_timeout) / 4))
+        self._ticker = asyncio.get_running_loop().call_later(interval, self._tick)
+
+    # -- status, reload, shutdown ------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        c = self.counters
+        up, down = c.bytes_up, c.bytes_down
+        for session in self.live:
+            u, d = session.bytes_moved()
+            up += u
+            down += d
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(time.monotonic() - c.started, 3),
+            "listeners": [_endpoint(address) for address in self.bound_addresses()],
+            "sessions": {"live": len(self.live), "total": c.total, "peak": c.peak,
+                         "refused": c.refused, "denied": c.denied},
+            "auth_failures": c.auth_failures,
+            "replies": {code.name.lower(): c.replies[code] for code in ReplyCode},
+            "bytes": {"up": up, "down": down},
+            "udp": {"associations": c.udp_associations, "datagrams": c.udp_datagrams, "bytes": c.udp_bytes},
+            "settings": self.settings.public(),
+        }
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return [session.describe() for session in self.live]
+
+    async def reload(self, settings: Settings) -> dict[str, Any]:
+        """Apply new settings to new sessions; live sessions keep theirs."""
+        old = self.settings
+        changed = [name for name in old.public() if getattr(old, name) != getattr(settings, name)]
+        opened: list[str] = []
+        if any(name in changed for name in LISTEN_FIELDS):
+            opened = await self._open_listeners(settings)
+        self.settings = settings
+        if changed:
+            log.info("reloaded: %s changed", ", ".join(changed))
+        return {"changed": changed, "opened": opened, "listeners": self.status()["listeners"]}
+
+    def close(self) -> None:
+        for listener in self.listeners.values():
+            listener.close()
+        self.listeners.clear()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for session in list(self.live):
+            session.abort("server shutting down")
+        self.closed.set()
+
+
+def _listening_socket(address: tuple[str, int], settings: Settings, wanted: list[tuple[str, int]]) -> socket.socket:
+    host, port = address
+    ip = ipaddress.ip_address(host)
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            ipv4_wildcard_too = any(ipaddress.ip_address(h) == ipaddress.IPv4Address(0) for h, _ in wanted)
+            v6only = settings.family == "ipv6" or ipv4_wildcard_too or not ip.is_unspecified
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        sock.bind(address)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise ListenError(f"cannot listen on {_endpoint(address)}: {e.strerror or e}") from None
+    return sock

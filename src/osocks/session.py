@@ -1,0 +1,285 @@
+"""One client: negotiates the method, authenticates, runs the command, replies,
+then hands both sockets to the relay.
+
+The handshake is driven by `data_received` on a plain protocol (no task, no
+stream); only the command itself (resolving, connecting) runs as a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from . import relay, socks5
+from .auth import check_password
+from .rules import allowed
+from .socks5 import Command, Method, ProtocolError, ReplyCode
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("osocks")
+
+GREETING, AUTH, REQUEST, COMMAND, RELAY, CLOSED = range(6)
+STATE_NAMES = ("greeting", "auth", "request", "command", "relay", "closed")
+MAX_EARLY_DATA = 64 * 1024  # client bytes held while the command runs
+
+
+class Session(asyncio.Protocol):
+    __slots__ = (
+        "server", "settings", "transport", "state", "buffer", "client", "local", "target",
+        "started", "active", "seen_bytes", "outcome", "client_end", "upstream_end",
+        "task", "user", "udp",
+    )
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.settings = server.settings  # a reload applies to new sessions only
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.state = GREETING
+        self.buffer = b""
+        self.client: tuple = ("?", 0)
+        self.local: tuple = ("?", 0)
+        self.target = ""
+        self.started = self.active = time.monotonic()
+        self.seen_bytes = 0
+        self.outcome = ""
+        self.client_end: relay.RelayEnd | None = None
+        self.upstream_end: relay.RelayEnd | None = None
+        self.task: asyncio.Task | None = None
+        self.user = ""
+        self.udp = None
+
+    # -- handshake ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.client = transport.get_extra_info("peername") or ("?", 0)
+        self.local = transport.get_extra_info("sockname") or ("?", 0)
+        if not self.server.admit(self):
+            self.state = CLOSED
+            transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer = self.buffer + data if self.buffer else data
+        try:
+            self._advance()
+        except ProtocolError as e:
+            self.fail(e.reply, str(e))
+
+    def _advance(self) -> None:
+        while self.buffer:
+            state = self.state
+            if state == GREETING:
+                parsed = socks5.parse_greeting(self.buffer)
+                if parsed is None:
+                    return
+                greeting, used = parsed
+                self.buffer = self.buffer[used:]
+                self._choose_method(greeting.methods)
+            elif state == AUTH:
+                creds = socks5.parse_credentials(self.buffer)
+                if creds is None:
+                    return
+                credentials, used = creds
+                self.buffer = self.buffer[used:]
+                self._authenticate(credentials)
+            elif state == REQUEST:
+                request = socks5.parse_request(self.buffer)
+                if request is None:
+                    return
+                req, used = request
+                self.buffer = self.buffer[used:]
+                self._run(req)
+            elif state == COMMAND:
+                if len(self.buffer) > MAX_EARLY_DATA:
+                    self.transport.pause_reading()
+                return
+            else:
+                return
+
+    def _choose_method(self, methods: bytes) -> None:
+        settings = self.settings
+        if settings.users and not self._anonymous_client():
+            if Method.USERNAME_PASSWORD in methods:
+                self.transport.write(socks5.select_method(Method.USERNAME_PASSWORD))
+                self.state = AUTH
+                return
+        elif Method.NO_AUTH in methods:
+            self.transport.write(socks5.select_method(Method.NO_AUTH))
+            self.state = REQUEST
+            return
+        self.transport.write(socks5.select_method(Method.NO_ACCEPTABLE))
+        self.finish("no acceptable method")
+
+    def _anonymous_client(self) -> bool:
+        if not self.settings.anonymous:
+            return False
+        address = ipaddress.ip_address(self.client[0])
+        return any(address in net for net in self.settings.anonymous)
+
+    def _authenticate(self, credentials: socks5.Credentials) -> None:
+        if check_password(self.settings.users, credentials.username, credentials.password):
+            self.user = credentials.username.decode("utf-8", "replace")
+            self.transport.write(socks5.auth_reply(True))
+            self.state = REQUEST
+            return
+        self.server.counters.auth_failures += 1
+        name = credentials.username.decode("utf-8", "replace")
+        log.warning("client %s: authentication failed for user %r", _endpoint(self.client), name)
+        self.transport.write(socks5.auth_reply(False))
+        self.finish("authentication failed")
+
+    def _run(self, request: socks5.Request) -> None:
+        self.target = f"{_host(request.host)}:{request.port}"
+        self.state = COMMAND
+        if request.command == Command.CONNECT:
+            self.task = asyncio.ensure_future(self._connect(request))
+        elif request.command in (Command.BIND, Command.UDP_ASSOCIATE):
+            self.task = asyncio.ensure_future(self.server.run_command(self, request))
+        else:
+            self.fail(ReplyCode.COMMAND_NOT_SUPPORTED, f"unknown command {request.command:#04x}")
+
+    # -- CONNECT -----------------------------------------------------------
+
+    async def _connect(self, request: socks5.Request) -> None:
+        upstream = relay.RelayEnd()
+        try:
+            if request.port == 0:
+                raise ProtocolError("destination port 0", ReplyCode.GENERAL_FAILURE)
+            async with asyncio.timeout(self.settings.connect_timeout):
+                addresses = await self.server.resolve(request.host, request.port)
+                transport = await self._dial(addresses, upstream)
+        except ProtocolError as e:
+            self.fail(e.reply, str(e))
+            return
+        except Exception as e:
+            self.fail(socks5.reply_for_error(e), _describe(e))
+            return
+        self.task = None
+        if self.state != COMMAND:  # the client went away meanwhile
+            transport.abort()
+            return
+        self.succeed(transport, upstream)
+
+    async def _dial(self, addresses: list[tuple], upstream: relay.RelayEnd) -> asyncio.Transport:
+        """Try each address in turn; the last error tells the reply."""
+        loop = asyncio.get_running_loop()
+        error: BaseException = OSError("no address to connect to")
+        for family, sockaddr in addresses:
+            if not self.server.destination_allowed(sockaddr[0], sockaddr[1]):
+                error = ProtocolError(f"destination {_endpoint(sockaddr)} denied by rule", ReplyCode.NOT_ALLOWED)
+                continue
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                source = self.server.source_address(family)
+                if source is not None:
+                    sock.bind(source)
+                await loop.sock_connect(sock, sockaddr)
+                transport, _ = await loop.create_connection(lambda: upstream, sock=sock)
+                return transport  # type: ignore[return-value]
+            except OSError as e:
+                sock.close()
+                error = e
+            except BaseException:
+                sock.close()
+                raise
+        raise error
+
+    def succeed(self, upstream_transport: asyncio.Transport, upstream: relay.RelayEnd) -> None:
+        bound = upstream_transport.get_extra_info("sockname")
+        self.transport.write(socks5.encode_reply(ReplyCode.SUCCEEDED, bound[0], bound[1]))
+        self.server.counters.replied(ReplyCode.SUCCEEDED)
+        client = relay.RelayEnd()
+        relay.link(client, upstream)
+        client.on_closed = upstream.on_closed = self._relay_closed
+        self.client_end, self.upstream_end = client, upstream
+        self.state = RELAY
+        self.active = time.monotonic()
+        early, self.buffer = self.buffer, b""
+        relay.start(client, upstream, self.transport, early)
+
+    def _relay_closed(self) -> None:
+        self.finish(self.outcome or "closed")
+
+    # -- ends --------------------------------------------------------------
+
+    def fail(self, reply: ReplyCode | None, why: str) -> None:
+        """Send the failure reply (if any), then close."""
+        if self.state == CLOSED:
+            return
+        if reply is not None and self.state in (REQUEST, COMMAND):
+            self.transport.write(socks5.encode_reply(reply))
+            self.server.counters.replied(reply)
+        self.finish(f"{why} (reply {reply.name.lower()})" if reply is not None else why)
+
+    def finish(self, outcome: str) -> None:
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self.outcome = outcome
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        if self.client_end is None:
+            self.transport.close()
+        self.server.session_finished(self)
+
+    def abort(self, outcome: str) -> None:
+        """Close at once (timeouts, shutdown): nothing left to flush matters."""
+        self.outcome = self.outcome or outcome
+        if self.client_end is not None and self.upstream_end is not None:
+            relay.abort(self.client_end, self.upstream_end)
+        else:
+            self.transport.abort()
+        self.finish(self.outcome)
+
+    def eof_received(self) -> bool:
+        if self.state != COMMAND:
+            self.finish("client closed during handshake")
+        return True  # during the command a half-closed client still gets its reply
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state != CLOSED:
+            self.finish("client went away" if exc is None else f"client error: {_describe(exc)}")
+
+    # -- accounting --------------------------------------------------------
+
+    def bytes_moved(self) -> tuple[int, int]:
+        """(client → destination, destination → client)"""
+        if self.client_end is None or self.upstream_end is None:
+            return 0, 0
+        return self.client_end.received, self.upstream_end.received
+
+    def describe(self) -> dict:
+        up, down = self.bytes_moved()
+        return {
+            "client": _endpoint(self.client),
+            "destination": self.target,
+            "user": self.user,
+            "state": STATE_NAMES[self.state],
+            "bytes_up": up,
+            "bytes_down": down,
+            "age": round(time.monotonic() - self.started, 3),
+        }
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _endpoint(address: tuple) -> str:
+    return f"{_host(str(address[0]))}:{address[1]}"
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__

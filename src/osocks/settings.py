@@ -1,0 +1,143 @@
+"""Every option of osocks, with its default: the only place a default lives.
+
+`Settings` is built once (from the command line, from UCI, or both) and never
+changed; a reload builds a new one.  Times are seconds here; the command line
+and UCI speak milliseconds, as the original osocks did.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+from .rules import Rule, parse_network, parse_rule
+
+Family = Literal["any", "ipv4", "ipv6"]
+FAMILIES: tuple[Family, ...] = ("any", "ipv4", "ipv6")
+
+
+class SettingsError(ValueError):
+    """A value a user gave is wrong; the message names the option and the value."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+    secret: str  # clear text, or a "$pbkdf2-sha256$..." / "$scrypt$..." hash (see auth.py)
+
+    def __repr__(self) -> str:  # never show a password, not even in a traceback
+        return f"User({self.name!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: tuple[str, ...] = ("0.0.0.0",)
+    port: int = 1080
+    max_sessions: int = 0  # 0: unlimited
+    connect_timeout: float = 8.0
+    idle_timeout: float = 64.0
+    handshake_timeout: float = 10.0
+    family: Family = "any"
+    syslog: bool = False
+    verbosity: int = 0  # 0: INFO, 1+: DEBUG, -1: WARNING, -2: ERROR
+    workers: int = 1  # 0: one per core
+    users: tuple[User, ...] = ()
+    anonymous: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    client_rules: tuple[Rule, ...] = ()
+    dest_rules: tuple[Rule, ...] = ()
+    allow_local: bool = False  # allow destinations on loopback and on this host
+    bind_address: str | None = None  # outgoing source address
+    external_address: str | None = None  # address announced for BIND (default: the one the client reached)
+    interfaces: tuple[str, ...] = ()  # OpenWrt logical interfaces whose addresses we listen on
+    splice: bool = True
+
+    def __post_init__(self) -> None:
+        check_port("port", self.port)
+        if self.max_sessions < 0:
+            raise SettingsError(f"max_sessions: {self.max_sessions!r} must be 0 (unlimited) or more")
+        for name in ("connect_timeout", "idle_timeout", "handshake_timeout"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise SettingsError(f"{name}: {value!r} must be more than 0")
+        if self.family not in FAMILIES:
+            raise SettingsError(f"family: {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.workers < 0:
+            raise SettingsError(f"workers: {self.workers!r} must be 0 (one per core) or more")
+        for address in self.listen:
+            check_address("listen", address)
+        for name in ("bind_address", "external_address"):
+            value = getattr(self, name)
+            if value is not None:
+                check_address(name, value)
+        if not self.listen and not self.interfaces:
+            raise SettingsError("listen: no listen address and no interface given")
+
+    def replace(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    def public(self) -> dict[str, Any]:
+        """The effective settings as plain data, passwords left out."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "users":
+                out[f.name] = [user.name for user in value]
+            elif isinstance(value, tuple):
+                out[f.name] = [str(item) for item in value]
+            else:
+                out[f.name] = value
+        return out
+
+
+def check_port(name: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise SettingsError(f"{name}: {port!r} is not a port number (0-65535)")
+
+
+def check_address(name: str, address: str) -> None:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise SettingsError(f"{name}: {address!r} is not an IPv4 or IPv6 address") from None
+
+
+def parse_user(text: str, option: str = "user") -> User:
+    name, sep, secret = text.partition(":")
+    if not sep or not name:
+        raise SettingsError(f"{option}: {text.split(':')[0]!r} must be written user:password")
+    if len(name.encode()) > 255 or len(secret.encode()) > 255 and not secret.startswith("$"):
+        raise SettingsError(f"{option}: {name!r}: user and password are 255 bytes at most (RFC 1929)")
+    return User(name, secret)
+
+
+def read_user_file(path: str, option: str = "user_file") -> tuple[User, ...]:
+    """One user:password per line; blank lines and lines starting with # are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise SettingsError(f"{option}: {path!r}: {e.strerror}") from None
+    users = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            users.append(parse_user(line, f"{option} {path}:{number}"))
+    return tuple(users)
+
+
+def parse_rules(option: str, texts: list[str] | tuple[str, ...]) -> tuple[Rule, ...]:
+    try:
+        return tuple(parse_rule(text) for text in texts)
+    except ValueError as e:
+        raise SettingsError(f"{option}: {e}") from None
+
+
+def parse_networks(option: str, texts: list[str] | tuple[str, ...]) -> tuple[Any, ...]:
+    try:
+        return tuple(parse_network(text) for text in texts)
+    except ValueError as e:
+        raise SettingsError(f"{option}: {e}") from None
+
+
+DEFAULTS = Settings()

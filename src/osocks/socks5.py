@@ -1,0 +1,246 @@
+"""The SOCKS5 wire codec (RFC 1928, RFC 1929): bytes in, records out, no sockets.
+
+Each `parse_*` takes the bytes received so far and returns `(message, used)`,
+where `used` is how many bytes the message took, or `None` when more bytes are
+needed.  Malformed input raises `ProtocolError`, which carries the reply code
+to send before closing, or `None` when the only answer is to close.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+VERSION = 5
+AUTH_VERSION = 1
+
+
+class Method(IntEnum):
+    NO_AUTH = 0x00
+    GSSAPI = 0x01
+    USERNAME_PASSWORD = 0x02
+    NO_ACCEPTABLE = 0xFF
+
+
+class Command(IntEnum):
+    CONNECT = 0x01
+    BIND = 0x02
+    UDP_ASSOCIATE = 0x03
+
+
+class AddressType(IntEnum):
+    IPV4 = 0x01
+    DOMAIN = 0x03
+    IPV6 = 0x04
+
+
+class ReplyCode(IntEnum):
+    SUCCEEDED = 0x00
+    GENERAL_FAILURE = 0x01
+    NOT_ALLOWED = 0x02
+    NETWORK_UNREACHABLE = 0x03
+    HOST_UNREACHABLE = 0x04
+    CONNECTION_REFUSED = 0x05
+    TTL_EXPIRED = 0x06
+    COMMAND_NOT_SUPPORTED = 0x07
+    ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+
+
+class ProtocolError(Exception):
+    def __init__(self, message: str, reply: ReplyCode | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+@dataclass(frozen=True, slots=True)
+class Greeting:
+    methods: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    username: bytes
+    password: bytes
+
+    def __repr__(self) -> str:
+        return f"Credentials({self.username!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    command: int  # a Command, or an unknown value the session answers with 07
+    host: str  # an IP literal, or a domain name
+    port: int
+    address_type: AddressType
+
+
+@dataclass(frozen=True, slots=True)
+class UdpHeader:
+    fragment: int
+    host: str
+    port: int
+    address_type: AddressType
+
+
+def parse_greeting(data: bytes) -> tuple[Greeting, int] | None:
+    """VER NMETHODS METHODS..."""
+    if len(data) < 2:
+        if data and data[0] != VERSION:
+            raise ProtocolError(f"not SOCKS5: version byte {data[0]:#04x}")
+        return None
+    if data[0] != VERSION:
+        raise ProtocolError(f"not SOCKS5: version byte {data[0]:#04x}")
+    end = 2 + data[1]
+    if len(data) < end:
+        return None
+    return Greeting(bytes(data[2:end])), end
+
+
+def parse_credentials(data: bytes) -> tuple[Credentials, int] | None:
+    """RFC 1929: VER ULEN UNAME PLEN PASSWD, ULEN and PLEN 0..255."""
+    if not data:
+        return None
+    if data[0] != AUTH_VERSION:
+        raise ProtocolError(f"username/password version {data[0]:#04x}, expected 0x01")
+    if len(data) < 2:
+        return None
+    ulen = data[1]
+    if len(data) < 3 + ulen:
+        return None
+    plen = data[2 + ulen]
+    end = 3 + ulen + plen
+    if len(data) < end:
+        return None
+    return Credentials(bytes(data[2 : 2 + ulen]), bytes(data[3 + ulen : end])), end
+
+
+def _parse_address(data: bytes, offset: int) -> tuple[AddressType, str, int, int] | None:
+    """ATYP ADDR PORT starting at offset: (type, host, port, end) or None."""
+    if len(data) <= offset:
+        return None
+    atyp = data[offset]
+    if atyp == AddressType.IPV4:
+        end = offset + 1 + 4 + 2
+        if len(data) < end:
+            return None
+        host = str(ipaddress.IPv4Address(bytes(data[offset + 1 : offset + 5])))
+    elif atyp == AddressType.IPV6:
+        end = offset + 1 + 16 + 2
+        if len(data) < end:
+            return None
+        host = str(ipaddress.IPv6Address(bytes(data[offset + 1 : offset + 17])))
+    elif atyp == AddressType.DOMAIN:
+        if len(data) < offset + 2:
+            return None
+        length = data[offset + 1]
+        if length == 0:
+            raise ProtocolError("empty domain name", ReplyCode.HOST_UNREACHABLE)
+        end = offset + 2 + length + 2
+        if len(data) < end:
+            return None
+        try:
+            host = bytes(data[offset + 2 : offset + 2 + length]).decode("ascii")
+        except UnicodeDecodeError:
+            raise ProtocolError("domain name is not ASCII", ReplyCode.HOST_UNREACHABLE) from None
+        if "\0" in host:
+            raise ProtocolError("domain name holds a NUL byte", ReplyCode.HOST_UNREACHABLE)
+    else:
+        raise ProtocolError(f"unknown address type {atyp:#04x}", ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
+    port = (data[end - 2] << 8) | data[end - 1]
+    return AddressType(atyp), host, port, end
+
+
+def parse_request(data: bytes) -> tuple[Request, int] | None:
+    """VER CMD RSV ATYP DST.ADDR DST.PORT"""
+    if not data:
+        return None
+    if data[0] != VERSION:
+        raise ProtocolError(f"request version {data[0]:#04x}, expected 0x05")
+    if len(data) < 3:
+        return None
+    parsed = _parse_address(data, 3)
+    if parsed is None:
+        return None
+    atyp, host, port, end = parsed
+    return Request(data[1], host, port, atyp), end
+
+
+def parse_udp_header(data: bytes) -> tuple[UdpHeader, int] | None:
+    """RSV(2) FRAG ATYP DST.ADDR DST.PORT; a datagram is whole, so None means malformed."""
+    if len(data) < 4:
+        return None
+    if data[0] or data[1]:
+        raise ProtocolError("UDP header reserved bytes are not zero")
+    parsed = _parse_address(data, 3)
+    if parsed is None:
+        return None
+    atyp, host, port, end = parsed
+    return UdpHeader(data[2], host, port, atyp), end
+
+
+def select_method(method: Method) -> bytes:
+    return bytes((VERSION, method))
+
+
+def auth_reply(ok: bool) -> bytes:
+    return bytes((AUTH_VERSION, 0 if ok else 1))
+
+
+def encode_address(host: str, port: int) -> bytes:
+    """ATYP ADDR PORT for an IP literal or a domain name."""
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        name = host.encode("idna")
+        if not 0 < len(name) < 256:
+            raise ValueError(f"domain name of {len(name)} bytes") from None
+        return bytes((AddressType.DOMAIN, len(name))) + name + struct.pack("!H", port)
+    atyp = AddressType.IPV4 if ip.version == 4 else AddressType.IPV6
+    return bytes((atyp,)) + ip.packed + struct.pack("!H", port)
+
+
+def encode_reply(code: ReplyCode, host: str = "0.0.0.0", port: int = 0) -> bytes:
+    return bytes((VERSION, code, 0)) + encode_address(host, port)
+
+
+def encode_udp_header(host: str, port: int, fragment: int = 0) -> bytes:
+    return bytes((0, 0, fragment)) + encode_address(host, port)
+
+
+def encode_greeting(methods: bytes) -> bytes:
+    return bytes((VERSION, len(methods))) + methods
+
+
+def encode_credentials(username: bytes, password: bytes) -> bytes:
+    return bytes((AUTH_VERSION, len(username))) + username + bytes((len(password),)) + password
+
+
+def encode_request(command: int, host: str, port: int) -> bytes:
+    return bytes((VERSION, command, 0)) + encode_address(host, port)
+
+
+_REPLY_BY_ERRNO = {
+    errno.ENETUNREACH: ReplyCode.NETWORK_UNREACHABLE,
+    errno.ENETDOWN: ReplyCode.NETWORK_UNREACHABLE,
+    errno.EHOSTUNREACH: ReplyCode.HOST_UNREACHABLE,
+    errno.EHOSTDOWN: ReplyCode.HOST_UNREACHABLE,
+    errno.ECONNREFUSED: ReplyCode.CONNECTION_REFUSED,
+    errno.ETIMEDOUT: ReplyCode.TTL_EXPIRED,
+    errno.EACCES: ReplyCode.NOT_ALLOWED,
+    errno.EPERM: ReplyCode.NOT_ALLOWED,
+}
+
+
+def reply_for_error(error: BaseException) -> ReplyCode:
+    """The one table from a failure to reach a destination to the SOCKS reply code."""
+    if isinstance(error, socket.gaierror):
+        return ReplyCode.HOST_UNREACHABLE
+    if isinstance(error, TimeoutError):  # the -T connect timeout, or the kernel's
+        return ReplyCode.TTL_EXPIRED
+    if isinstance(error, OSError) and error.errno is not None:
+        return _REPLY_BY_ERRNO.get(error.errno, ReplyCode.GENERAL_FAILURE)
+    return ReplyCode.GENERAL_FAILURE
