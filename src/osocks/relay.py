@@ -66,7 +66,9 @@ def link(client: RelayEnd, upstream: RelayEnd) -> None:
     client.peer, upstream.peer = upstream, client
 
 
-def start(client: RelayEnd, upstream: RelayEnd, client_transport: asyncio.Transport, early_data: bytes) -> None:
+def start(
+    client: RelayEnd, upstream: RelayEnd, client_transport: asyncio.Transport, early_data: bytes, client_eof: bool
+) -> None:
     """Hand the client transport to the relay and let bytes flow.
 
     `upstream` has been connected paused (its `started` was False), so nothing
@@ -78,6 +80,9 @@ def start(client: RelayEnd, upstream: RelayEnd, client_transport: asyncio.Transp
     if early_data:
         client.received += len(early_data)
         upstream.transport.write(early_data)
+    if client_eof:
+        client.eof = True
+        upstream.transport.write_eof()
     upstream.transport.resume_reading()
     client_transport.resume_reading()
 

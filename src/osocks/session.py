@@ -33,7 +33,7 @@ class Session(asyncio.Protocol):
     __slots__ = (
         "server", "settings", "transport", "state", "buffer", "client", "local", "target",
         "started", "active", "seen_bytes", "outcome", "client_end", "upstream_end",
-        "task", "user", "udp",
+        "task", "user", "udp", "client_eof",
     )
 
     def __init__(self, server: Server) -> None:
@@ -53,6 +53,7 @@ class Session(asyncio.Protocol):
         self.task: asyncio.Task | None = None
         self.user = ""
         self.udp = None
+        self.client_eof = False
 
     # -- handshake ---------------------------------------------------------
 
@@ -202,7 +203,7 @@ class Session(asyncio.Protocol):
         self.state = RELAY
         self.active = time.monotonic()
         early, self.buffer = self.buffer, b""
-        relay.start(client, upstream, self.transport, early)
+        relay.start(client, upstream, self.transport, early, self.client_eof)
 
     def _relay_closed(self) -> None:
         self.finish(self.outcome or "closed")
@@ -242,6 +243,7 @@ class Session(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.state != COMMAND:
             self.finish("client closed during handshake")
+        self.client_eof = True
         return True  # during the command a half-closed client still gets its reply
 
     def connection_lost(self, exc: Exception | None) -> None:
