@@ -269,7 +269,11 @@ class OsocksProcess:
             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
         )
         self.lines: list[str] = []
-        self.port = 0
+        self.port = int(args[args.index("-p") + 1]) if "-p" in args else 1080
+        if self.port:
+            threading.Thread(target=self._drain, daemon=True).start()
+            self._wait_listening()
+            return
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             line = self.proc.stderr.readline()  # type: ignore[union-attr]
@@ -284,6 +288,17 @@ class OsocksProcess:
             self.stop()
             raise RuntimeError("osocks did not start: " + "".join(self.lines))
         threading.Thread(target=self._drain, daemon=True).start()
+
+    def _wait_listening(self) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("osocks did not start: " + "".join(self.lines))
 
     def _drain(self) -> None:
         for line in self.proc.stderr:  # type: ignore[union-attr]

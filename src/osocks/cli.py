@@ -162,7 +162,8 @@ def parse(argv: list[str]) -> Command:
     except SettingsError as e:
         raise UsageError(str(e)) from None
     if extra:
-        raise UsageError(f"unexpected argument {extra[0]!r}")
+        kind = "unknown option" if extra[0].startswith("-") else "unexpected argument"
+        raise UsageError(f"{kind} {extra[0]!r}")
     return Command(vars(namespace))
 
 

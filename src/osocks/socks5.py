@@ -195,7 +195,7 @@ def encode_address(host: str, port: int) -> bytes:
     try:
         ip = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
-        name = host.encode("idna")
+        name = host.encode("ascii")
         if not 0 < len(name) < 256:
             raise ValueError(f"domain name of {len(name)} bytes") from None
         return bytes((AddressType.DOMAIN, len(name))) + name + struct.pack("!H", port)

@@ -1,0 +1,134 @@
+"""The command line, and osocks as a real process: flags, errors, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, EchoServer, free_port, recv_exactly, socks_connect
+from osocks import __version__, cli
+from osocks.settings import DEFAULTS
+from osocks.socks5 import ReplyCode
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "osocks", "--no-uci", *args],
+                          capture_output=True, text=True, timeout=20, cwd=ROOT)
+
+
+def test_defaults_are_the_synopsis() -> None:
+    s = cli.parse([]).settings()
+    assert s.listen == ("0.0.0.0",) and s.port == 1080 and s.max_sessions == 0
+    assert s.connect_timeout == 8.0 and s.idle_timeout == 64.0 and s.handshake_timeout == 10.0
+    assert not s.syslog and s.verbosity == 0 and s.family == "any"
+
+
+def test_flags_map_to_settings() -> None:
+    s = cli.parse("-l 127.0.0.1 -l ::1 -p 1081 -n 5 -T 250 -I 1500 --handshake-timeout 700 -4 -s -vv -w 2".split()).settings()
+    assert s.listen == ("127.0.0.1", "::1") and s.port == 1081 and s.max_sessions == 5
+    assert (s.connect_timeout, s.idle_timeout, s.handshake_timeout) == (0.25, 1.5, 0.7)
+    assert s.family == "ipv4" and s.syslog and s.verbosity == 2 and s.workers == 2
+
+
+def test_ipv6_only_listens_on_the_ipv6_wildcard() -> None:
+    assert cli.parse(["-6"]).settings().listen == ("::",)
+
+
+def test_flags_override_a_base() -> None:
+    base = DEFAULTS.replace(port=2000, max_sessions=9)
+    s = cli.parse(["-p", "3000"]).settings(base)
+    assert (s.port, s.max_sessions) == (3000, 9)
+
+
+def test_version_and_help() -> None:
+    assert run("-V").stdout == f"osocks {__version__}\n"
+    out = run("-h")
+    assert out.returncode == 0 and out.stdout.startswith("Usage: osocks [-l addr]")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-x"], "unknown option '-x'"),
+        (["-p", "70000"], "'70000' is not a port number"),
+        (["-p", "http"], "'http' is not a whole number"),
+        (["-T", "-5"], "-T"),
+        (["-I", "0"], "must be more than 0 ms"),
+        (["-l", "localhost"], "listen: 'localhost' is not an IPv4 or IPv6 address"),
+        (["-n", "many"], "'many' is not a whole number"),
+        (["extra"], "unexpected argument"),
+    ],
+)
+def test_bad_flags_print_one_line_and_exit_nonzero(args: list[str], message: str) -> None:
+    out = run(*args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("osocks: ") and message in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_port_in_use_says_so() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        out = run("-l", "127.0.0.1", "-p", str(taken.getsockname()[1]))
+    assert out.returncode == 1
+    assert "Address already in use" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_serves_logs_and_exits_zero_on_sigterm(run_osocks, echo: EchoServer) -> None:
+    server = run_osocks("-l", "127.0.0.1", "-p", "0", "--allow-local")
+    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)
+    assert code == ReplyCode.SUCCEEDED
+    sock.sendall(b"hi")
+    assert recv_exactly(sock, 2) == b"hi"
+    sock.close()
+    held, _, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)
+    server.signal(signal.SIGTERM)
+    assert server.proc.wait(10) == 0
+    held.settimeout(5)
+    assert held.recv(10) == b""  # live sessions are closed
+    held.close()
+    log = "".join(server.lines)
+    assert f"-> 127.0.0.1:{echo.port}: up 2 down 2 bytes" in log  # one line per finished session
+
+
+def test_sigint_exits_zero(run_osocks) -> None:
+    server = run_osocks("-l", "127.0.0.1", "-p", "0")
+    server.signal(signal.SIGINT)
+    assert server.proc.wait(10) == 0
+
+
+def test_several_listen_addresses(run_osocks, echo: EchoServer) -> None:
+    port = free_port()
+    server = run_osocks("-l", "127.0.0.1", "-l", "::1", "-p", str(port), "--allow-local")
+    for host in ("127.0.0.1", "::1"):
+        with socket.create_connection((host, port), timeout=5) as sock:
+            sock.sendall(b"\x05\x01\x00")
+            assert recv_exactly(sock, 2) == b"\x05\x00"
+    assert server.proc.poll() is None
+
+
+def test_runs_without_uvloop(tmp_path, echo: EchoServer, run_osocks) -> None:
+    blocker = tmp_path / "uvloop.py"
+    blocker.write_text("raise ImportError('uvloop hidden for this test')\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{ROOT / 'src'}")
+    server = run_osocks("-l", "127.0.0.1", "-p", "0", "--allow-local", env=env)
+    assert any("uvloop is not installed" in line for line in server.lines)
+    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)
+    assert code == ReplyCode.SUCCEEDED
+    sock.close()
+
+
+def test_quiet_drops_session_lines(run_osocks, echo: EchoServer) -> None:
+    server = run_osocks("-l", "127.0.0.1", "-p", str(free_port()), "--allow-local", "-q")
+    sock, _, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)
+    sock.close()
+    assert server.stop() == 0
+    assert not any("->" in line for line in server.lines)

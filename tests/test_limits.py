@@ -1,0 +1,63 @@
+"""Limits and timeouts with small values."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from conftest import EchoServer, ServerThread, recv_exactly, socks_connect, wait_closed
+from osocks.socks5 import ReplyCode
+
+
+def test_session_limit_refuses_cleanly_and_counts(make_server, echo: EchoServer) -> None:
+    server: ServerThread = make_server(max_sessions=2)
+    held = [socks_connect(server.port, "127.0.0.1", echo.port)[0] for _ in range(2)]
+    extra = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    extra.sendall(b"\x05\x01\x00")
+    assert wait_closed(extra) == b""
+    extra.close()
+    status = server.wait_for(lambda s: s["sessions"]["refused"] == 1)
+    assert status["sessions"]["live"] == 2 and status["sessions"]["peak"] == 2
+    for sock in held:
+        sock.close()
+    server.wait_for(lambda s: s["sessions"]["live"] == 0)
+    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)  # a slot is free again
+    assert code == ReplyCode.SUCCEEDED
+    sock.close()
+
+
+def test_handshake_timeout_closes_silent_clients(make_server, echo: EchoServer) -> None:
+    server: ServerThread = make_server(handshake_timeout=0.3, max_sessions=1)
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    started = time.monotonic()
+    assert wait_closed(silent) == b""
+    assert 0.25 < time.monotonic() - started < 2
+    silent.close()
+    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)  # the slot is free
+    assert code == ReplyCode.SUCCEEDED
+    sock.close()
+
+
+def test_half_finished_handshake_times_out_too(make_server) -> None:
+    server: ServerThread = make_server(handshake_timeout=0.3)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(b"\x05\x01\x00\x05\x01\x00\x03\x10abc")  # a request cut short
+    assert wait_closed(sock) == b"\x05\x00"
+    sock.close()
+
+
+def test_idle_timeout_closes_quiet_sessions_only(make_server, echo: EchoServer) -> None:
+    server: ServerThread = make_server(idle_timeout=0.6)
+    quiet, _, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)
+    busy, _, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)
+    started = time.monotonic()
+    busy.settimeout(5)
+    while time.monotonic() - started < 1.5:  # keep one session busy past the idle timeout
+        busy.sendall(b".")
+        assert recv_exactly(busy, 1) == b"."
+        time.sleep(0.1)
+    assert wait_closed(quiet, timeout=1) == b""
+    busy.sendall(b"alive")
+    assert recv_exactly(busy, 5) == b"alive"
+    quiet.close()
+    busy.close()

@@ -1,0 +1,217 @@
+"""The relay: bulk data both ways, half-close, resets, back-pressure, no leaked sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from conftest import EchoServer, ServerThread, recv_exactly, socks_connect, wait_closed
+from osocks.socks5 import ReplyCode
+
+
+def test_ten_megabytes_both_ways_at_once(osocks: ServerThread, echo: EchoServer) -> None:
+    payload = os.urandom(10 * 1024 * 1024)
+    sock, code, _, _ = socks_connect(osocks.port, "127.0.0.1", echo.port)
+    assert code == ReplyCode.SUCCEEDED
+    received = hashlib.sha256()
+
+    def send() -> None:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)  # half-close: the echo's answer must still arrive
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    total = 0
+    sock.settimeout(30)
+    while chunk := sock.recv(1 << 16):
+        received.update(chunk)
+        total += len(chunk)
+    sender.join()
+    sock.close()
+    assert total == len(payload)
+    assert received.hexdigest() == hashlib.sha256(payload).hexdigest()
+    status = osocks.wait_for(lambda s: s["sessions"]["live"] == 0)
+    assert status["bytes"] == {"up": len(payload), "down": len(payload)}
+
+
+def test_client_half_close_keeps_the_other_direction(make_server) -> None:
+    """The client shuts down its write side; the destination still answers after seeing EOF."""
+    server = make_server()
+    echo = EchoServer(farewell=b"goodbye after your EOF")
+    try:
+        sock, code, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)
+        sock.sendall(b"question")
+        assert recv_exactly(sock, 8) == b"question"
+        sock.shutdown(socket.SHUT_WR)
+        assert wait_closed(sock) == b"goodbye after your EOF"
+        sock.close()
+        server.wait_for(lambda s: s["sessions"]["live"] == 0)
+    finally:
+        echo.close()
+
+
+def test_destination_half_close_keeps_the_other_direction(make_server) -> None:
+    """The destination sends FIN first; the client can still send, and the destination reads it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    got = []
+
+    def destination() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        conn.sendall(b"banner")
+        conn.shutdown(socket.SHUT_WR)
+        got.append(wait_closed(conn))
+        conn.close()
+
+    thread = threading.Thread(target=destination)
+    thread.start()
+    server = make_server()
+    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", listener.getsockname()[1])
+    assert wait_closed(sock) == b"banner"  # EOF reaches the client
+    sock.sendall(b"still talking")
+    sock.shutdown(socket.SHUT_WR)
+    thread.join(10)
+    sock.close()
+    listener.close()
+    assert got == [b"still talking"]
+    server.wait_for(lambda s: s["sessions"]["live"] == 0)
+
+
+def rst_close(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_client_reset_closes_destination_promptly(make_server) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    server = make_server()
+    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", listener.getsockname()[1])
+    conn, _ = listener.accept()
+    rst_close(sock)
+    started = time.monotonic()
+    assert wait_closed(conn, timeout=5) == b""
+    assert time.monotonic() - started < 2
+    conn.close()
+    listener.close()
+    server.wait_for(lambda s: s["sessions"]["live"] == 0)
+
+
+def test_destination_reset_closes_client_promptly(make_server) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    server = make_server()
+    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", listener.getsockname()[1])
+    conn, _ = listener.accept()
+    rst_close(conn)
+    started = time.monotonic()
+    wait_closed(sock, timeout=5)
+    assert time.monotonic() - started < 2
+    sock.close()
+    listener.close()
+    server.wait_for(lambda s: s["sessions"]["live"] == 0)
+
+
+@pytest.mark.parametrize("direction", ["upload", "download"])
+def test_back_pressure_bounds_what_osocks_buffers(make_server, direction: str) -> None:
+    """A peer that stops reading stops the other side too: osocks holds a bounded amount."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    server = make_server()
+    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", listener.getsockname()[1])
+    conn, _ = listener.accept()
+    writer, reader = (sock, conn) if direction == "upload" else (conn, sock)
+    for s in (sock, conn):  # small kernel buffers, so what osocks holds stands out
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    writer.setblocking(False)
+    chunk = b"x" * 65536
+    pushed = 0
+    deadline = time.monotonic() + 10
+    stalled_since = None
+    while time.monotonic() < deadline and pushed < 512 * 1024 * 1024:
+        try:
+            pushed += writer.send(chunk)
+            stalled_since = None
+        except BlockingIOError:
+            stalled_since = stalled_since or time.monotonic()
+            if time.monotonic() - stalled_since > 0.5:
+                break
+            time.sleep(0.01)
+    # kernel buffers on both legs plus osocks' own buffers: a few MB at most, never everything
+    assert pushed < 32 * 1024 * 1024, f"osocks kept reading: {pushed} bytes accepted"
+    # the reader now drains everything and sees every byte: nothing was lost either
+    writer.setblocking(True)
+    writer.shutdown(socket.SHUT_WR)
+    reader.settimeout(10)
+    total = 0
+    while data := reader.recv(1 << 20):
+        total += len(data)
+    assert total == pushed
+    for s in (sock, conn, listener):
+        s.close()
+    server.wait_for(lambda s: s["sessions"]["live"] == 0)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_no_socket_left_open_after_every_way_of_closing(make_server) -> None:
+    server = make_server()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+
+    def session(order: str) -> None:
+        sock, code, _, _ = socks_connect(server.port, "127.0.0.1", port)
+        conn, _ = listener.accept()
+        sock.sendall(b"a")
+        conn.sendall(b"b")
+        if order == "client-fin":
+            sock.close()
+            wait_closed(conn)
+            conn.close()
+        elif order == "dest-fin":
+            conn.close()
+            wait_closed(sock)
+            sock.close()
+        elif order == "client-rst":
+            rst_close(sock)
+            wait_closed(conn)
+            conn.close()
+        elif order == "dest-rst":
+            rst_close(conn)
+            wait_closed(sock)
+            sock.close()
+        elif order == "both-half-close":
+            sock.shutdown(socket.SHUT_WR)
+            conn.shutdown(socket.SHUT_WR)
+            wait_closed(sock)
+            wait_closed(conn)
+            sock.close()
+            conn.close()
+
+    server.wait_for(lambda s: s["sessions"]["live"] == 0)
+    before = open_fds()
+    for _ in range(3):
+        for order in ("client-fin", "dest-fin", "client-rst", "dest-rst", "both-half-close"):
+            session(order)
+    server.wait_for(lambda s: s["sessions"]["live"] == 0 and s["sessions"]["total"] == 15)
+    deadline = time.monotonic() + 5
+    while open_fds() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    listener.close()
+    assert open_fds() <= before - 1  # the listener is gone; nothing of the 15 sessions is left

@@ -1,0 +1,147 @@
+"""The codec, fed with bytes: every message, every truncation, wrong bytes."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from osocks import socks5
+from osocks.socks5 import AddressType, Command, ProtocolError, ReplyCode
+
+hosts = st.one_of(
+    st.ip_addresses().map(str),
+    st.text("abcdefghijklmnopqrstuvwxyz0123456789-.", min_size=1, max_size=255),
+)
+ports = st.integers(0, 65535)
+
+
+def test_greeting() -> None:
+    assert socks5.parse_greeting(b"\x05\x02\x00\x02") == (socks5.Greeting(b"\x00\x02"), 4)
+    assert socks5.parse_greeting(b"\x05\x00") == (socks5.Greeting(b""), 2)
+    assert socks5.parse_greeting(b"\x05\x01\x00rest") == (socks5.Greeting(b"\x00"), 3)
+
+
+@given(st.binary(min_size=0, max_size=255))
+def test_greeting_roundtrip_and_every_truncation(methods: bytes) -> None:
+    data = socks5.encode_greeting(methods)
+    assert socks5.parse_greeting(data + b"tail") == (socks5.Greeting(methods), len(data))
+    for cut in range(len(data)):
+        assert socks5.parse_greeting(data[:cut]) is None
+
+
+@given(st.integers(0, 255).filter(lambda v: v != 5), st.binary(max_size=10))
+def test_greeting_wrong_version(version: int, rest: bytes) -> None:
+    with pytest.raises(ProtocolError) as e:
+        socks5.parse_greeting(bytes((version,)) + rest)
+    assert e.value.reply is None  # nothing to answer a non-SOCKS5 client: close
+
+
+@given(st.binary(max_size=255), st.binary(max_size=255))
+def test_credentials_roundtrip_and_truncation(user: bytes, password: bytes) -> None:
+    data = socks5.encode_credentials(user, password)
+    assert socks5.parse_credentials(data) == (socks5.Credentials(user, password), len(data))
+    for cut in range(len(data)):
+        assert socks5.parse_credentials(data[:cut]) is None
+
+
+def test_credentials_wrong_version() -> None:
+    with pytest.raises(ProtocolError):
+        socks5.parse_credentials(b"\x05\x01a\x01b")
+
+
+def test_credentials_repr_hides_password() -> None:
+    assert "secret" not in repr(socks5.Credentials(b"me", b"secret"))
+
+
+@given(st.sampled_from(list(Command)), hosts, ports)
+def test_request_roundtrip_and_every_truncation(command: Command, host: str, port: int) -> None:
+    data = socks5.encode_request(command, host, port)
+    request, used = socks5.parse_request(data + b"payload")  # type: ignore[misc]
+    assert used == len(data)
+    assert (request.command, request.port) == (command, port)
+    assert request.host == (str(__import__("ipaddress").ip_address(host)) if request.address_type != AddressType.DOMAIN else host)
+    for cut in range(len(data)):
+        assert socks5.parse_request(data[:cut]) is None
+
+
+def test_request_types() -> None:
+    assert socks5.parse_request(b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50")[0] == socks5.Request(  # type: ignore[index]
+        1, "127.0.0.1", 80, AddressType.IPV4
+    )
+    six = socks5.parse_request(b"\x05\x01\x00\x04" + bytes(15) + b"\x01\x01\xbb")
+    assert six is not None and six[0].host == "::1" and six[0].port == 443
+    name = socks5.parse_request(b"\x05\x01\x00\x03\x0bexample.com\x00\x50")
+    assert name is not None and name[0].host == "example.com"
+
+
+@pytest.mark.parametrize(
+    ("data", "reply"),
+    [
+        (b"\x05\x01\x00\x07\x00", ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED),
+        (b"\x05\x01\x00\x00", ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED),
+        (b"\x05\x01\x00\x03\x00", ReplyCode.HOST_UNREACHABLE),  # empty name
+        (b"\x05\x01\x00\x03\x02\xff\xfe\x00\x50", ReplyCode.HOST_UNREACHABLE),  # not ASCII
+        (b"\x05\x01\x00\x03\x02a\x00\x00\x50", ReplyCode.HOST_UNREACHABLE),  # NUL
+        (b"\x04\x01\x00\x01", None),
+    ],
+)
+def test_request_errors(data: bytes, reply: ReplyCode | None) -> None:
+    with pytest.raises(ProtocolError) as e:
+        socks5.parse_request(data)
+    assert e.value.reply == reply
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_raise_anything_but_protocol_error(data: bytes) -> None:
+    for parse in (socks5.parse_greeting, socks5.parse_credentials, socks5.parse_request, socks5.parse_udp_header):
+        try:
+            result = parse(data)
+        except ProtocolError:
+            continue
+        if result is not None:
+            assert 0 < result[1] <= len(data)
+
+
+@given(st.integers(0, 255), hosts, ports, st.binary(max_size=100))
+def test_udp_header_roundtrip(fragment: int, host: str, port: int, payload: bytes) -> None:
+    header = socks5.encode_udp_header(host, port, fragment)
+    parsed = socks5.parse_udp_header(header + payload)
+    assert parsed is not None
+    assert parsed[0].fragment == fragment and parsed[0].port == port and parsed[1] == len(header)
+
+
+def test_udp_header_reserved_must_be_zero() -> None:
+    with pytest.raises(ProtocolError):
+        socks5.parse_udp_header(b"\x00\x01\x00\x01\x7f\x00\x00\x01\x00\x35")
+
+
+@given(st.sampled_from(list(ReplyCode)), st.ip_addresses().map(str), ports)
+def test_reply_encoding(code: ReplyCode, host: str, port: int) -> None:
+    data = socks5.encode_reply(code, host, port)
+    assert data[:3] == bytes((5, code, 0))
+    parsed = socks5.parse_request(data)  # a reply has the request's shape
+    assert parsed is not None and parsed[0].port == port
+
+
+@pytest.mark.parametrize(
+    ("error", "reply"),
+    [
+        (OSError(errno.ENETUNREACH, "x"), ReplyCode.NETWORK_UNREACHABLE),
+        (OSError(errno.ENETDOWN, "x"), ReplyCode.NETWORK_UNREACHABLE),
+        (OSError(errno.EHOSTUNREACH, "x"), ReplyCode.HOST_UNREACHABLE),
+        (OSError(errno.EHOSTDOWN, "x"), ReplyCode.HOST_UNREACHABLE),
+        (socket.gaierror(socket.EAI_NONAME, "x"), ReplyCode.HOST_UNREACHABLE),
+        (OSError(errno.ECONNREFUSED, "x"), ReplyCode.CONNECTION_REFUSED),
+        (TimeoutError(), ReplyCode.TTL_EXPIRED),
+        (OSError(errno.ETIMEDOUT, "x"), ReplyCode.TTL_EXPIRED),
+        (OSError(errno.EACCES, "x"), ReplyCode.NOT_ALLOWED),
+        (OSError(errno.EADDRNOTAVAIL, "x"), ReplyCode.GENERAL_FAILURE),
+        (RuntimeError("x"), ReplyCode.GENERAL_FAILURE),
+    ],
+)
+def test_one_table_from_errors_to_replies(error: BaseException, reply: ReplyCode) -> None:
+    assert socks5.reply_for_error(error) == reply
