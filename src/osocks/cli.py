@@ -29,6 +29,7 @@ Usage: osocks [-l addr] [-p port] [-n num] [-I idle-timeout] [-T connect-timeout
   -4 / -6                     listen and connect over IPv4 / IPv6 only
   -q                          decrease verbose level (no line per session)
   --handshake-timeout MS      close clients that do not finish the handshake (10000ms)
+  --bind-timeout MS           how long BIND waits for the peer to connect (60000ms)
   -w N                        worker processes (1; 0: one per core)
   -u USER:PASSWORD            require username/password (repeatable)
   -U FILE                     users from FILE, one user:password per line
@@ -90,6 +91,7 @@ def _parser() -> _Parser:
     p.add_argument("-T", dest="connect_timeout", type=_milliseconds)
     p.add_argument("-I", dest="idle_timeout", type=_milliseconds)
     p.add_argument("--handshake-timeout", dest="handshake_timeout", type=_milliseconds)
+    p.add_argument("--bind-timeout", dest="bind_timeout", type=_milliseconds)
     p.add_argument("-4", dest="family", action="store_const", const="ipv4")
     p.add_argument("-6", dest="family", action="store_const", const="ipv6")
     p.add_argument("-s", dest="syslog", action="store_true")
@@ -129,7 +131,7 @@ class Command:
         g = self.given
         changes: dict[str, Any] = {}
         for name in ("listen", "port", "max_sessions", "connect_timeout", "idle_timeout",
-                     "handshake_timeout", "family", "syslog", "workers", "allow_local",
+                     "handshake_timeout", "bind_timeout", "family", "syslog", "workers", "allow_local",
                      "bind_address", "external_address", "splice"):
             if name in g:
                 changes[name] = tuple(g[name]) if name == "listen" else g[name]

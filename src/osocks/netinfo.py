@@ -50,6 +50,14 @@ def local_addresses() -> frozenset[Address]:
     return _cache[1]
 
 
+def plain_address(host: str) -> Address:
+    """An address from text, with any %scope dropped and IPv4-mapped IPv6 made IPv4."""
+    address = ipaddress.ip_address(host.partition("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def is_local(address: Address) -> bool:
     """Loopback, unspecified, or one of this host's own addresses."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 
 class RelayEnd(asyncio.Protocol):
-    __slots__ = ("transport", "peer", "received", "eof", "lost", "on_closed", "started")
+    __slots__ = ("transport", "peer", "received", "eof", "lost", "on_closed", "early")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -22,20 +22,24 @@ class RelayEnd(asyncio.Protocol):
         self.received = 0  # bytes read from this side
         self.eof = False
         self.lost = False
-        self.started = False
         self.on_closed: Callable[[], None] | None = None
+        self.early: list[bytes] | None = []  # what arrives before the relay starts
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if not self.started:
-            transport.pause_reading()  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
+        if self.early is not None:
+            self.early.append(data)
+            self.transport.pause_reading()
+            return
         self.peer.transport.write(data)
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.early is not None:
+            return True
         peer = self.peer
         if peer.eof:
             self.transport.close()
@@ -52,6 +56,8 @@ class RelayEnd(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self.early is not None:
+            return
         peer = self.peer
         if peer.lost:
             if self.on_closed is not None:
@@ -71,18 +77,27 @@ def start(
 ) -> None:
     """Hand the client transport to the relay and let bytes flow.
 
-    `upstream` has been connected paused (its `started` was False), so nothing
-    from the destination reaches the client before the SOCKS reply does.
+    Whatever the destination sent before this (held in `upstream.early`) goes
+    to the client now, after the SOCKS reply; likewise the client's early data.
     """
-    client.started = upstream.started = True
+    client.early = None
     client.transport = client_transport
     client_transport.set_protocol(client)
+    held, upstream.early = upstream.early or [], None
+    for data in held:
+        client_transport.write(data)
+    if upstream.lost:  # the destination is gone already: close the client once that is flushed
+        client_transport.close()
+        return
     if early_data:
         client.received += len(early_data)
         upstream.transport.write(early_data)
     if client_eof:
         client.eof = True
         upstream.transport.write_eof()
+    if upstream.eof:
+        upstream.eof = False
+        upstream.eof_received()
     upstream.transport.resume_reading()
     client_transport.resume_reading()
 

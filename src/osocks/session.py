@@ -12,12 +12,15 @@ import ipaddress
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from . import relay, socks5
 from .auth import check_password
+from .bind import bind
 from .rules import allowed
 from .socks5 import Command, Method, ProtocolError, ReplyCode
+from .udp import Association, associate
 
 if TYPE_CHECKING:
     from .server import Server
@@ -52,7 +55,7 @@ class Session(asyncio.Protocol):
         self.upstream_end: relay.RelayEnd | None = None
         self.task: asyncio.Task | None = None
         self.user = ""
-        self.udp = None
+        self.udp: Association | None = None
         self.client_eof = False
 
     # -- handshake ---------------------------------------------------------
@@ -66,6 +69,8 @@ class Session(asyncio.Protocol):
             transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self.state >= RELAY:  # a UDP control connection carries nothing more
+            return
         self.buffer = self.buffer + data if self.buffer else data
         try:
             self._advance()
@@ -139,32 +144,32 @@ class Session(asyncio.Protocol):
         self.target = f"{_host(request.host)}:{request.port}"
         self.state = COMMAND
         if request.command == Command.CONNECT:
-            self.task = asyncio.ensure_future(self._connect(request))
-        elif request.command in (Command.BIND, Command.UDP_ASSOCIATE):
-            self.task = asyncio.ensure_future(self.server.run_command(self, request))
+            self.task = asyncio.ensure_future(self._guarded(self._connect(request)))
+        elif request.command == Command.BIND:
+            self.task = asyncio.ensure_future(self._guarded(bind(self, request)))
+        elif request.command == Command.UDP_ASSOCIATE:
+            self.task = asyncio.ensure_future(self._guarded(associate(self, request)))
         else:
             self.fail(ReplyCode.COMMAND_NOT_SUPPORTED, f"unknown command {request.command:#04x}")
+
+    async def _guarded(self, command: Coroutine[Any, Any, None]) -> None:
+        """Run a command; any failure becomes its reply code, then close."""
+        try:
+            await command
+        except ProtocolError as e:
+            self.fail(e.reply, str(e))
+        except Exception as e:
+            self.fail(socks5.reply_for_error(e), _describe(e))
 
     # -- CONNECT -----------------------------------------------------------
 
     async def _connect(self, request: socks5.Request) -> None:
+        if request.port == 0:
+            raise ProtocolError("destination port 0", ReplyCode.GENERAL_FAILURE)
         upstream = relay.RelayEnd()
-        try:
-            if request.port == 0:
-                raise ProtocolError("destination port 0", ReplyCode.GENERAL_FAILURE)
-            async with asyncio.timeout(self.settings.connect_timeout):
-                addresses = await self.server.resolve(request.host, request.port)
-                transport = await self._dial(addresses, upstream)
-        except ProtocolError as e:
-            self.fail(e.reply, str(e))
-            return
-        except Exception as e:
-            self.fail(socks5.reply_for_error(e), _describe(e))
-            return
-        self.task = None
-        if self.state != COMMAND:  # the client went away meanwhile
-            transport.abort()
-            return
+        async with asyncio.timeout(self.settings.connect_timeout):
+            addresses = await self.server.resolve(request.host, request.port)
+            transport = await self._dial(addresses, upstream)
         self.succeed(transport, upstream)
 
     async def _dial(self, addresses: list[tuple], upstream: relay.RelayEnd) -> asyncio.Transport:
@@ -192,8 +197,15 @@ class Session(asyncio.Protocol):
                 raise
         raise error
 
-    def succeed(self, upstream_transport: asyncio.Transport, upstream: relay.RelayEnd) -> None:
-        bound = upstream_transport.get_extra_info("sockname")
+    def succeed(
+        self, upstream_transport: asyncio.Transport, upstream: relay.RelayEnd, bound: tuple | None = None
+    ) -> None:
+        """Send the success reply (BND = `bound`, or the outgoing socket's own address) and relay."""
+        if self.state != COMMAND:  # the client went away meanwhile
+            upstream_transport.abort()
+            return
+        self.task = None
+        bound = bound or upstream_transport.get_extra_info("sockname")
         self.transport.write(socks5.encode_reply(ReplyCode.SUCCEEDED, bound[0], bound[1]))
         self.server.counters.replied(ReplyCode.SUCCEEDED)
         client = relay.RelayEnd()
@@ -204,6 +216,16 @@ class Session(asyncio.Protocol):
         self.active = time.monotonic()
         early, self.buffer = self.buffer, b""
         relay.start(client, upstream, self.transport, early, self.client_eof)
+
+    def start_udp(self, host: str, port: int) -> None:
+        """UDP ASSOCIATE is set up: reply; the control connection now only keeps it alive."""
+        if self.state != COMMAND:
+            return
+        self.task = None
+        self.transport.write(socks5.encode_reply(ReplyCode.SUCCEEDED, host, port))
+        self.server.counters.replied(ReplyCode.SUCCEEDED)
+        self.state = RELAY
+        self.buffer = b""
 
     def _relay_closed(self) -> None:
         self.finish(self.outcome or "closed")
@@ -227,6 +249,8 @@ class Session(asyncio.Protocol):
         if self.task is not None:
             self.task.cancel()
             self.task = None
+        if self.udp is not None:
+            self.udp.close()
         if self.client_end is None:
             self.transport.close()
         self.server.session_finished(self)
@@ -254,6 +278,8 @@ class Session(asyncio.Protocol):
 
     def bytes_moved(self) -> tuple[int, int]:
         """(client → destination, destination → client)"""
+        if self.udp is not None:
+            return self.udp.up, self.udp.down
         if self.client_end is None or self.upstream_end is None:
             return 0, 0
         return self.client_end.received, self.upstream_end.received

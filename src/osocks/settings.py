@@ -38,6 +38,7 @@ class Settings:
     connect_timeout: float = 8.0
     idle_timeout: float = 64.0
     handshake_timeout: float = 10.0
+    bind_timeout: float = 60.0  # how long BIND waits for its peer
     family: Family = "any"
     syslog: bool = False
     verbosity: int = 0  # 0: INFO, 1+: DEBUG, -1: WARNING, -2: ERROR
@@ -56,7 +57,7 @@ class Settings:
         check_port("port", self.port)
         if self.max_sessions < 0:
             raise SettingsError(f"max_sessions: {self.max_sessions!r} must be 0 (unlimited) or more")
-        for name in ("connect_timeout", "idle_timeout", "handshake_timeout"):
+        for name in ("connect_timeout", "idle_timeout", "handshake_timeout", "bind_timeout"):
             value = getattr(self, name)
             if not value > 0:
                 raise SettingsError(f"{name}: {value!r} must be more than 0")

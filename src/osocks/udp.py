@@ -1,0 +1,244 @@
+"""UDP ASSOCIATE (RFC 1928 §7): a relay socket for one client, alive while its
+TCP control connection is.
+
+The client-facing socket is bound to the address the control connection came
+in on; datagrams are taken only from the client's IP (and port, once known).
+Outgoing datagrams leave from one socket per address family; answers are
+taken only from destinations the client has sent to, and wrapped in the RFC
+header naming their source.  Fragments (FRAG ≠ 0) are reassembled (§7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from . import socks5
+from .netinfo import plain_address as _plain
+from .socks5 import ProtocolError
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = logging.getLogger("osocks")
+
+REASSEMBLY_TIMEOUT = 5.0  # the RFC asks for no less than 5 seconds
+MAX_DATAGRAM = 65535
+MAX_PEERS = 1024  # destinations remembered per association, for accepting answers
+NAME_CACHE_SECONDS = 30.0
+
+
+class Reassembly:
+    """The §7 queue: fragments 1, 2, … n|0x80 become one datagram.
+
+    A fragment out of order, a different destination, a queue over 64 KiB or
+    older than the timer discards the queue.
+    """
+
+    __slots__ = ("timeout", "parts", "destination", "expected", "started", "size")
+
+    def __init__(self, timeout: float = REASSEMBLY_TIMEOUT) -> None:
+        self.timeout = timeout
+        self.parts: list[bytes] = []
+        self.destination: tuple[str, int] | None = None
+        self.expected = 1
+        self.started = 0.0
+        self.size = 0
+
+    def discard(self) -> None:
+        self.parts, self.destination, self.expected, self.size = [], None, 1, 0
+
+    def add(self, fragment: int, destination: tuple[str, int], payload: bytes, now: float) -> bytes | None:
+        """Returns the whole datagram when `fragment` ends a sequence, else None."""
+        if self.parts and now - self.started > self.timeout:
+            self.discard()
+        position, last = fragment & 0x7F, bool(fragment & 0x80)
+        if position == 1:
+            self.discard()
+            self.started = now
+            self.destination = destination
+        elif position != self.expected or destination != self.destination:
+            self.discard()
+            return None
+        self.size += len(payload)
+        if self.size > MAX_DATAGRAM:
+            self.discard()
+            return None
+        self.parts.append(payload)
+        self.expected = position + 1
+        if not last:
+            return None
+        whole = b"".join(self.parts)
+        self.discard()
+        return whole
+
+
+class _ClientSide(asyncio.DatagramProtocol):
+    __slots__ = ("association",)
+
+    def __init__(self, association: Association) -> None:
+        self.association = association
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.association.from_client(data, addr)
+
+
+class _OutboundSide(asyncio.DatagramProtocol):
+    __slots__ = ("association",)
+
+    def __init__(self, association: Association) -> None:
+        self.association = association
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.association.from_destination(data, addr)
+
+
+class Association:
+    __slots__ = (
+        "session", "client_ip", "client_port", "client_side", "outbound", "peers", "names",
+        "reassembly", "up", "down", "closed",
+    )
+
+    def __init__(self, session: Session, client_port: int) -> None:
+        self.session = session
+        self.client_ip = _plain(session.client[0])
+        self.client_port = client_port  # 0: learnt from the first datagram
+        self.client_side: asyncio.DatagramTransport | None = None
+        self.outbound: dict[int, asyncio.DatagramTransport] = {}
+        self.peers: dict[tuple[str, int], None] = {}
+        self.names: dict[tuple[str, int], tuple[float, list[tuple[int, tuple]]]] = {}
+        self.reassembly = Reassembly()
+        self.up = self.down = 0
+        self.closed = False
+
+    async def open(self, local_host: str) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: _ClientSide(self), local_addr=(local_host, 0))
+        self.client_side = transport  # type: ignore[assignment]
+        return transport.get_extra_info("sockname")[:2]
+
+    # client → destination
+
+    def from_client(self, data: bytes, addr: tuple) -> None:
+        if self.closed or _plain(addr[0]) != self.client_ip:
+            return
+        if self.client_port and addr[1] != self.client_port:
+            return
+        self.client_port = addr[1]
+        try:
+            parsed = socks5.parse_udp_header(data)
+        except ProtocolError:
+            return
+        if parsed is None:
+            return
+        header, used = parsed
+        payload = data[used:]
+        if header.fragment:
+            whole = self.reassembly.add(header.fragment, (header.host, header.port), payload, time.monotonic())
+            if whole is None:
+                return
+            payload = whole
+        if header.port == 0:
+            return
+        try:
+            ipaddress.ip_address(header.host)
+        except ValueError:
+            asyncio.ensure_future(self._send_to_name(header.host, header.port, payload))
+            return
+        self._send(header.host, header.port, payload)
+
+    async def _send_to_name(self, host: str, port: int, payload: bytes) -> None:
+        now = time.monotonic()
+        cached = self.names.get((host, port))
+        if cached is not None and now - cached[0] < NAME_CACHE_SECONDS:
+            addresses = cached[1]
+        else:
+            try:
+                addresses = await self.session.server.resolve(host, port)
+            except (OSError, ProtocolError):
+                return
+            if len(self.names) > MAX_PEERS:
+                self.names.clear()
+            self.names[(host, port)] = (now, addresses)
+        if addresses and not self.closed:
+            self._send(addresses[0][1][0], port, payload)
+
+    def _send(self, host: str, port: int, payload: bytes) -> None:
+        server = self.session.server
+        if not server.destination_allowed(host, port):
+            return
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        transport = self.outbound.get(family)
+        if transport is None:
+            asyncio.ensure_future(self._open_outbound(family, host, port, payload))
+            return
+        self._sendto(transport, host, port, payload)
+
+    def _sendto(self, transport: asyncio.DatagramTransport, host: str, port: int, payload: bytes) -> None:
+        key = (str(_plain(host)), port)
+        if key not in self.peers:
+            if len(self.peers) >= MAX_PEERS:
+                self.peers.pop(next(iter(self.peers)))
+            self.peers[key] = None
+        transport.sendto(payload, (host, port))
+        self.up += len(payload)
+        counters = self.session.server.counters
+        counters.udp_datagrams += 1
+        counters.udp_bytes += len(payload)
+
+    async def _open_outbound(self, family: int, host: str, port: int, payload: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        source = self.session.server.source_address(family)
+        wildcard = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
+        try:
+            if family not in self.outbound:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _OutboundSide(self), local_addr=source or wildcard, family=family
+                )
+                if self.closed:
+                    transport.close()
+                    return
+                self.outbound[family] = transport  # type: ignore[assignment]
+        except OSError as e:
+            log.debug("udp: cannot open an outbound socket: %s", e)
+            return
+        self._sendto(self.outbound[family], host, port, payload)
+
+    # destination → client
+
+    def from_destination(self, data: bytes, addr: tuple) -> None:
+        if self.closed or not self.client_port or self.client_side is None:
+            return
+        source = str(_plain(addr[0]))
+        if (source, addr[1]) not in self.peers:
+            return
+        self.client_side.sendto(socks5.encode_udp_header(source, addr[1]) + data, (str(self.session.client[0]), self.client_port))
+        self.down += len(data)
+        counters = self.session.server.counters
+        counters.udp_datagrams += 1
+        counters.udp_bytes += len(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.client_side is not None:
+            self.client_side.close()
+        for transport in self.outbound.values():
+            transport.close()
+        self.outbound.clear()
+
+
+async def associate(session: Session, request: socks5.Request) -> None:
+    association = Association(session, request.port)
+    session.udp = association
+    try:
+        host, port = await association.open(session.local[0])
+    except OSError:
+        session.udp = None
+        association.close()
+        raise
+    session.server.counters.udp_associations += 1
+    session.start_udp(host, port)
