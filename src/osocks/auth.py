@@ -67,6 +67,21 @@ def check_secret(secret: str, password: bytes) -> bool:
     return True
 
 
+def quick_check(users: Iterable[HasSecret], username: bytes, password: bytes) -> bool | None:
+    """The verdict when it needs no hashing (clear text, or a hash already verified); else None."""
+    found = False
+    for user in users:
+        if hmac.compare_digest(user.name.encode(), username):
+            if is_hashed(user.secret):
+                key = hmac.digest(_PROCESS_KEY, user.secret.encode() + b"\0" + password, "sha256")
+                if key not in _verified:
+                    return None
+                found = True
+            else:
+                found = hmac.compare_digest(user.secret.encode(), password) or found
+    return found
+
+
 def check_password(users: Iterable[HasSecret], username: bytes, password: bytes) -> bool:
     """True when a configured user has this name and password; compares in constant time."""
     found = False

@@ -15,8 +15,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from . import relay, socks5
-from .auth import check_password
+from . import auth, relay, socks5
 from .bind import bind
 from .rules import allowed
 from .socks5 import Command, Method, ProtocolError, ReplyCode
@@ -27,8 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("osocks")
 
-GREETING, AUTH, REQUEST, COMMAND, RELAY, CLOSED = range(6)
-STATE_NAMES = ("greeting", "auth", "request", "command", "relay", "closed")
+GREETING, AUTH, CHECKING, REQUEST, COMMAND, RELAY, CLOSED = range(7)
+STATE_NAMES = ("greeting", "auth", "checking", "request", "command", "relay", "closed")
 MAX_EARLY_DATA = 64 * 1024  # client bytes held while the command runs
 
 
@@ -36,7 +35,7 @@ class Session(asyncio.Protocol):
     __slots__ = (
         "server", "settings", "transport", "state", "buffer", "client", "local", "target",
         "started", "active", "seen_bytes", "outcome", "client_end", "upstream_end",
-        "task", "user", "udp", "client_eof",
+        "task", "user", "udp", "client_eof", "command",
     )
 
     def __init__(self, server: Server) -> None:
@@ -57,6 +56,7 @@ class Session(asyncio.Protocol):
         self.user = ""
         self.udp: Association | None = None
         self.client_eof = False
+        self.command = 0
 
     # -- handshake ---------------------------------------------------------
 
@@ -101,7 +101,7 @@ class Session(asyncio.Protocol):
                 req, used = request
                 self.buffer = self.buffer[used:]
                 self._run(req)
-            elif state == COMMAND:
+            elif state in (CHECKING, COMMAND):
                 if len(self.buffer) > MAX_EARLY_DATA:
                     self.transport.pause_reading()
                 return
@@ -129,13 +129,36 @@ class Session(asyncio.Protocol):
         return any(address in net for net in self.settings.anonymous)
 
     def _authenticate(self, credentials: socks5.Credentials) -> None:
-        if check_password(self.settings.users, credentials.username, credentials.password):
-            self.user = credentials.username.decode("utf-8", "replace")
+        users = self.settings.users
+        verdict = auth.quick_check(users, credentials.username, credentials.password)
+        if verdict is not None:
+            self._authenticated(credentials.username, verdict)
+            return
+        self.state = CHECKING  # a password hash to compute: off the event loop
+        future = asyncio.get_running_loop().run_in_executor(
+            None, auth.check_password, users, credentials.username, credentials.password
+        )
+        future.add_done_callback(lambda f: self._hash_checked(credentials.username, f))
+
+    def _hash_checked(self, username: bytes, future: asyncio.Future) -> None:
+        if self.state != CHECKING:
+            return
+        self._authenticated(username, not future.cancelled() and future.exception() is None and future.result())
+        if self.state == REQUEST:
+            self.transport.resume_reading()
+            try:
+                self._advance()
+            except ProtocolError as e:
+                self.fail(e.reply, str(e))
+
+    def _authenticated(self, username: bytes, ok: bool) -> None:
+        name = username.decode("utf-8", "replace")
+        if ok:
+            self.user = name
             self.transport.write(socks5.auth_reply(True))
             self.state = REQUEST
             return
         self.server.counters.auth_failures += 1
-        name = credentials.username.decode("utf-8", "replace")
         log.warning("client %s: authentication failed for user %r", _endpoint(self.client), name)
         self.transport.write(socks5.auth_reply(False))
         self.finish("authentication failed")
@@ -143,6 +166,7 @@ class Session(asyncio.Protocol):
     def _run(self, request: socks5.Request) -> None:
         self.target = f"{_host(request.host)}:{request.port}"
         self.state = COMMAND
+        self.command = request.command
         if request.command == Command.CONNECT:
             self.task = asyncio.ensure_future(self._guarded(self._connect(request)))
         elif request.command == Command.BIND:
@@ -265,10 +289,10 @@ class Session(asyncio.Protocol):
         self.finish(self.outcome)
 
     def eof_received(self) -> bool:
-        if self.state != COMMAND:
-            self.finish("client closed during handshake")
+        if self.state != COMMAND or self.command != Command.CONNECT:
+            self.finish("client closed" if self.state >= COMMAND else "client closed during handshake")
         self.client_eof = True
-        return True  # during the command a half-closed client still gets its reply
+        return True  # a client that half-closes while CONNECT runs still gets its reply
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state != CLOSED:
