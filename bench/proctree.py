@@ -1,0 +1,93 @@
+"""CPU time and memory of a process and all its descendants, read from /proc."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROC = Path("/proc")
+CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+
+# Field numbers in /proc/PID/stat, counted from 1 as in proc(5).
+_PPID, _UTIME, _STIME, _CUTIME, _CSTIME = 4, 14, 15, 16, 17
+_FIRST_FIELD_AFTER_NAME = 3
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields 3 and on of /proc/PID/stat, or None if the process is gone."""
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # Field 2, the command name, is in parentheses and may contain spaces and ")".
+    return text[text.rindex(")") + 1 :].split()
+
+
+def _field(fields: list[str], number: int) -> int:
+    return int(fields[number - _FIRST_FIELD_AFTER_NAME])
+
+
+def _parent_of_every_process() -> dict[int, int]:
+    parents: dict[int, int] = {}
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None:
+                parents[int(entry.name)] = _field(fields, _PPID)
+    return parents
+
+
+def process_tree(root_pid: int) -> list[int]:
+    """root_pid and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, parent in _parent_of_every_process().items():
+        children.setdefault(parent, []).append(pid)
+    tree, pending = [], [root_pid]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending.extend(children.get(pid, ()))
+    return tree
+
+
+def tree_cpu_seconds(root_pid: int) -> float:
+    """User+system CPU of the tree so far, including children it has already reaped.
+
+    A descendant that exits during a measurement moves its time into its
+    parent's cutime/cstime, so the difference of two readings stays right.
+    """
+    ticks = 0
+    for pid in process_tree(root_pid):
+        fields = _stat_fields(pid)
+        if fields is not None:
+            ticks += sum(_field(fields, n) for n in (_UTIME, _STIME, _CUTIME, _CSTIME))
+    return ticks / CLOCK_TICKS_PER_SECOND
+
+
+@dataclass(frozen=True)
+class Memory:
+    rss_kib: int
+    pss_kib: int
+
+
+def _smaps_rollup_kib(pid: int) -> Memory | None:
+    try:
+        lines = (PROC / str(pid) / "smaps_rollup").read_text().splitlines()
+    except FileNotFoundError:
+        return None  # exited meanwhile
+    values = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        if key in ("Rss", "Pss"):
+            values[key] = int(rest.split()[0])
+    return Memory(rss_kib=values.get("Rss", 0), pss_kib=values.get("Pss", 0))
+
+
+def tree_memory(root_pid: int) -> Memory:
+    """RSS and PSS summed over the tree (RSS counts shared pages once per process)."""
+    readings = [m for pid in process_tree(root_pid) if (m := _smaps_rollup_kib(pid)) is not None]
+    return Memory(
+        rss_kib=sum(m.rss_kib for m in readings),
+        pss_kib=sum(m.pss_kib for m in readings),
+    )

@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Benchmark osocks against microsocks and Dante: throughput, per-session CPU, memory.
+
+    python3 bench/run.py            # full run, every installed server
+    python3 bench/run.py --smoke    # a few seconds, for CI
+
+See bench/README.md for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import scenarios
+import services
+from report import Failed, Outcome, Results, Skipped, markdown_table, write_json
+from scenarios import Profile, Target
+from socks5 import Endpoint
+
+BENCH = Path(__file__).resolve().parent
+DEFAULT_JSON = BENCH / "results" / "latest.json"
+OPEN_FILES_WANTED = 65536
+NGINX_CONNECTIONS = 8192
+SERVER_NAMES = ("osocks", "microsocks", "dante")
+SELF_EXPLAINING_ERRORS = (scenarios.ScenarioError, services.StartError)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    letter: str
+    key: str
+    measure: Callable[[Target, Profile], dict[str, float]]
+
+
+SCENARIOS = (
+    Scenario("a", "bulk", scenarios.bulk_download),
+    Scenario("b", "sessions", scenarios.new_sessions),
+    Scenario("c", "memory", scenarios.memory),
+    Scenario("d", "privoxy_ab", scenarios.privoxy_ab),
+)
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny run (< 30 s per server) for CI")
+    parser.add_argument("--servers", default=",".join(SERVER_NAMES), help="comma-separated, from: %(default)s")
+    parser.add_argument(
+        "--only", default="a,b,c,d", help="scenarios: a bulk download, b new sessions, c memory, d privoxy+ab"
+    )
+    parser.add_argument(
+        "--osocks-args",
+        action="append",
+        default=[],
+        metavar="ARGS",
+        help='an extra osocks column started with these arguments, e.g. "-w 2" (repeatable)',
+    )
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
+    arguments = parser.parse_args(argv)
+    unknown_servers = set(_split(arguments.servers)) - set(SERVER_NAMES)
+    unknown_scenarios = set(_split(arguments.only)) - {scenario.letter for scenario in SCENARIOS}
+    if unknown_servers or unknown_scenarios:
+        parser.error(f"unknown servers {sorted(unknown_servers)} or scenarios {sorted(unknown_scenarios)}")
+    return arguments
+
+
+def _split(comma_separated: str) -> list[str]:
+    return [part.strip() for part in comma_separated.split(",") if part.strip()]
+
+
+def raise_open_file_limit(wanted: int) -> int:
+    """Raise RLIMIT_NOFILE (inherited by every server started) as far as allowed; returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))  # a higher hard limit needs root
+            return wanted
+        except (ValueError, OSError):
+            wanted = hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return wanted
+
+
+def servers_to_run(names: list[str], osocks_variants: list[str]) -> list[services.SocksServer]:
+    chosen: list[services.SocksServer] = []
+    for name in names:
+        if name == "osocks":
+            chosen.append(services.osocks([]))
+            chosen.extend(services.osocks(shlex.split(variant)) for variant in osocks_variants)
+        elif name == "microsocks":
+            chosen.append(services.microsocks())
+        else:
+            chosen.append(services.dante())
+    installed = [server for server in chosen if server.is_installed()]
+    for server in chosen:
+        if server not in installed:
+            _progress(f"note: {server.name} is not installed ({server.program}), left out")
+    return installed
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _summary(figures: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4g}" for name, value in figures.items())
+
+
+def measure(
+    server: services.SocksServer, scenario: Scenario, web: Endpoint, workdir: Path, profile: Profile
+) -> Outcome:
+    """Start a fresh server, run one scenario against it, stop it; never raises."""
+    scenario_dir = workdir / f"{server.name.replace(' ', '_')}-{scenario.key}"
+    scenario_dir.mkdir()
+    started = time.monotonic()
+    try:
+        with server.serving(scenario_dir) as (proxy, pid):
+            figures = scenario.measure(Target(proxy, pid, web, scenario_dir), profile)
+    except Exception as error:  # noqa: BLE001 - reported in the table, the run goes on
+        message = str(error) if isinstance(error, SELF_EXPLAINING_ERRORS) else f"{type(error).__name__}: {error}"
+        _progress(f"[{server.name}] {scenario.key}: error: {message}")
+        return Failed(message)
+    _progress(f"[{server.name}] {scenario.key} ({time.monotonic() - started:.1f} s): {_summary(figures)}")
+    return figures
+
+
+def skip_reason(scenario: Scenario, smoke: bool) -> str | None:
+    if scenario.key != "privoxy_ab":
+        return None
+    if smoke:
+        return "not run with --smoke"
+    return scenarios.privoxy_ab_missing()
+
+
+def run_settings(profile: Profile, open_files: int) -> dict[str, object]:
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "profile": asdict(profile),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "client_event_loop": scenarios.client_event_loop(),
+        "open_files_limit": open_files,
+    }
+
+
+def run(arguments: argparse.Namespace) -> Results:
+    profile = scenarios.SMOKE if arguments.smoke else scenarios.FULL
+    open_files = raise_open_file_limit(OPEN_FILES_WANTED)
+    servers = servers_to_run(_split(arguments.servers), arguments.osocks_args)
+    chosen = [s for s in SCENARIOS if s.letter in _split(arguments.only)]
+    results = Results([server.name for server in servers], run_settings(profile, open_files))
+    with tempfile.TemporaryDirectory(prefix="osocks-bench-") as temporary:
+        workdir = Path(temporary)
+        workdir.chmod(0o755)  # nginx's worker runs as "nobody" when started as root
+        (workdir / "nginx").mkdir()
+        with services.nginx(workdir / "nginx", profile.file_sizes(), NGINX_CONNECTIONS) as web:
+            for server in servers:
+                for scenario in chosen:
+                    reason = skip_reason(scenario, arguments.smoke)
+                    outcome = Skipped(reason) if reason else measure(server, scenario, web, workdir, profile)
+                    results.record(server.name, scenario.key, outcome)
+    return results
+
+
+def main(argv: list[str]) -> int:
+    arguments = parse_arguments(argv)
+    if shutil.which("nginx") is None:
+        _progress("error: nginx is not installed (Debian package nginx-light)")
+        return 2
+    for scenario in SCENARIOS:
+        reason = skip_reason(scenario, arguments.smoke)
+        if reason and scenario.letter in _split(arguments.only):
+            _progress(f"note: scenario {scenario.letter} ({scenario.key}) skipped: {reason}")
+    results = run(arguments)
+    print(markdown_table(results))
+    write_json(results, arguments.json)
+    _progress(f"results written to {arguments.json}")
+    failed = any(isinstance(outcome, Failed) for outcome in results.outcomes.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,272 @@
+"""The four measurements, each against one running SOCKS server.
+
+A scenario returns its figures as a dict of named floats, or raises
+ScenarioError (or anything else) to put "error: ..." in its cells.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from proctree import tree_cpu_seconds, tree_memory
+from services import PRIVOXY, privoxy
+from socks5 import Endpoint, HttpOverSocks, download, http_get, open_http_session
+
+try:
+    import uvloop
+except ImportError:  # the benchmark still runs, with a slower client
+    uvloop = None  # type: ignore[assignment]
+
+Figures = dict[str, float]
+T = TypeVar("T")
+
+BYTES_PER_MB = 1e6
+BYTES_PER_GB = 1e9
+MICROSECONDS = 1e6
+KIB_PER_MIB = 1024
+
+SMALL_FILE = "1K"
+AB_FILE = "1M"
+WARM_UP_SESSIONS = 64
+SOCKET_TIMEOUT = 30.0
+SETTLE_SECONDS = 1.0
+
+
+class ScenarioError(RuntimeError):
+    """The server did not do what the scenario needs."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much work each scenario does."""
+
+    bulk_file: str
+    bulk_downloads: int
+    sessions: int
+    concurrency: int
+    held_sessions: int
+    ab_requests: int
+    ab_concurrency: int
+    timeout: float  # seconds allowed for one scenario's measured part
+
+    def file_sizes(self) -> dict[str, int]:
+        bulk_mib = int(self.bulk_file.removesuffix("M"))
+        return {SMALL_FILE: 1 << 10, AB_FILE: 1 << 20, self.bulk_file: bulk_mib << 20}
+
+
+FULL = Profile(
+    bulk_file="64M",
+    bulk_downloads=10,
+    sessions=5000,
+    concurrency=64,
+    held_sessions=1000,
+    ab_requests=1024,
+    ab_concurrency=64,
+    timeout=300.0,
+)
+SMOKE = Profile(
+    bulk_file="4M",
+    bulk_downloads=4,
+    sessions=200,
+    concurrency=64,
+    held_sessions=50,
+    ab_requests=0,
+    ab_concurrency=0,
+    timeout=20.0,
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A running SOCKS server and the web server it is asked to reach."""
+
+    proxy: Endpoint
+    server_pid: int
+    web: Endpoint
+    workdir: Path
+
+
+def client_event_loop() -> str:
+    return "uvloop" if uvloop is not None else "asyncio"
+
+
+def run_client(coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
+    """Run an asyncio client to completion (on uvloop when installed), within timeout seconds."""
+    bounded = asyncio.wait_for(coroutine, timeout)
+    try:
+        return uvloop.run(bounded) if uvloop is not None else asyncio.run(bounded)
+    except TimeoutError:
+        raise ScenarioError(f"client not done after {timeout:.0f} s") from None
+
+
+# --- (a) single-stream download ----------------------------------------------
+
+
+def bulk_download(target: Target, profile: Profile) -> Figures:
+    path = "/" + profile.bulk_file
+    expected = profile.file_sizes()[profile.bulk_file]
+    download(target.proxy, target.web, "/" + SMALL_FILE, SOCKET_TIMEOUT)  # warm-up
+    rates, total_bytes = [], 0
+    cpu_before = tree_cpu_seconds(target.server_pid)
+    for _ in range(profile.bulk_downloads):
+        received, seconds = download(target.proxy, target.web, path, SOCKET_TIMEOUT)
+        if received < expected:
+            raise ScenarioError(f"download ended after {received} of {expected} bytes")
+        rates.append(received / seconds / BYTES_PER_MB)
+        total_bytes += received
+    cpu = tree_cpu_seconds(target.server_pid) - cpu_before
+    return {
+        "mb_per_s": statistics.median(rates),
+        "cpu_s_per_gb": cpu / (total_bytes / BYTES_PER_GB),
+        "downloads": profile.bulk_downloads,
+    }
+
+
+# --- (b) new-session cost -------------------------------------------------------
+
+
+async def _in_parallel(count: int, concurrency: int, job: Callable[[], Awaitable[None]]) -> list[BaseException]:
+    """Run job() count times, at most concurrency at once; returns the failures."""
+    remaining = count
+    failures: list[BaseException] = []
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            try:
+                await job()
+            except Exception as error:  # noqa: BLE001 - counted and reported below
+                failures.append(error)
+
+    await asyncio.gather(*(worker() for _ in range(min(count, concurrency))))
+    return failures
+
+
+def _raise_if_failed(failures: list[BaseException], count: int, what: str) -> None:
+    if failures:
+        raise ScenarioError(f"{len(failures)} of {count} {what} failed, first: {failures[0]!r}")
+
+
+async def _short_sessions(target: Target, count: int, concurrency: int) -> float:
+    """Run count short sessions; returns the seconds taken."""
+    request = http_get("/" + SMALL_FILE, target.web, keep_alive=False)
+
+    async def session() -> None:
+        await open_http_session(target.proxy, target.web, request, hold=False)
+
+    started = time.perf_counter()
+    failures = await _in_parallel(count, concurrency, session)
+    seconds = time.perf_counter() - started
+    _raise_if_failed(failures, count, "sessions")
+    return seconds
+
+
+def new_sessions(target: Target, profile: Profile) -> Figures:
+    run_client(_short_sessions(target, WARM_UP_SESSIONS, profile.concurrency), profile.timeout)
+    cpu_before = tree_cpu_seconds(target.server_pid)
+    client_cpu_before = time.process_time()
+    seconds = run_client(_short_sessions(target, profile.sessions, profile.concurrency), profile.timeout)
+    client_cpu = time.process_time() - client_cpu_before
+    cpu = tree_cpu_seconds(target.server_pid) - cpu_before
+    return {
+        "sessions_per_s": profile.sessions / seconds,
+        "cpu_us_per_session": cpu / profile.sessions * MICROSECONDS,
+        "client_cpu_us_per_session": client_cpu / profile.sessions * MICROSECONDS,
+        "sessions": profile.sessions,
+    }
+
+
+# --- (c) memory -----------------------------------------------------------------
+
+
+async def _memory_idle_and_held(target: Target, profile: Profile) -> Figures:
+    """Memory of the idle server (after a warm-up), then with held_sessions tunnels open."""
+    await _short_sessions(target, WARM_UP_SESSIONS, profile.concurrency)
+    await asyncio.sleep(SETTLE_SECONDS)
+    idle = tree_memory(target.server_pid)
+
+    request = http_get("/" + SMALL_FILE, target.web, keep_alive=True)
+    held: list[HttpOverSocks] = []
+
+    async def hold_one() -> None:
+        held.append(await open_http_session(target.proxy, target.web, request, hold=True))
+
+    try:
+        failures = await _in_parallel(profile.held_sessions, profile.concurrency, hold_one)
+        _raise_if_failed(failures, profile.held_sessions, "held sessions")
+        await asyncio.sleep(SETTLE_SECONDS)
+        loaded = tree_memory(target.server_pid)
+    finally:
+        for session in held:
+            if session.transport is not None:
+                session.transport.close()
+    return {
+        "idle_rss_mb": idle.rss_kib / KIB_PER_MIB,
+        "idle_pss_mb": idle.pss_kib / KIB_PER_MIB,
+        "held_pss_mb": loaded.pss_kib / KIB_PER_MIB,
+        "kb_per_session": (loaded.pss_kib - idle.pss_kib) / profile.held_sessions,
+        "held_sessions": profile.held_sessions,
+    }
+
+
+def memory(target: Target, profile: Profile) -> Figures:
+    return run_client(_memory_idle_and_held(target, profile), profile.timeout)
+
+
+# --- (d) privoxy + ab, the original project's method ---------------------------
+
+AB = "/usr/bin/ab"
+
+
+def privoxy_ab_missing() -> str | None:
+    """Why scenario (d) cannot run here, or None if it can."""
+    missing = [
+        f"{program} (package {package})"
+        for program, package in ((PRIVOXY, "privoxy"), (AB, "apache2-utils"))
+        if shutil.which(program) is None
+    ]
+    return "not installed: " + ", ".join(missing) if missing else None
+
+
+def _ab_figure(output: str, label: str) -> float:
+    match = re.search(rf"^{re.escape(label)}:\s+([\d.]+)", output, re.MULTILINE)
+    if match is None:
+        raise ScenarioError(f"ab printed no '{label}'")
+    return float(match.group(1))
+
+
+def _run_ab(proxy: Endpoint, url: str, requests: int, concurrency: int, timeout: float) -> float:
+    """ab through an HTTP proxy; returns requests per second, raising if any request failed."""
+    command = [AB, "-q", "-n", str(requests), "-c", str(concurrency), "-X", f"{proxy.host}:{proxy.port}", url]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if finished.returncode != 0:
+        raise ScenarioError(f"ab exited {finished.returncode}: {finished.stderr.strip()[-300:]}")
+    failed = _ab_figure(finished.stdout, "Failed requests")
+    completed = _ab_figure(finished.stdout, "Complete requests")
+    if failed or completed != requests or "Non-2xx responses" in finished.stdout:
+        raise ScenarioError(f"ab: {completed:.0f} complete, {failed:.0f} failed, or non-2xx")
+    return _ab_figure(finished.stdout, "Requests per second")
+
+
+def privoxy_ab(target: Target, profile: Profile) -> Figures:
+    url = f"http://{target.web.host}:{target.web.port}/{AB_FILE}"
+    with privoxy(target.workdir, target.proxy) as http_proxy:
+        _run_ab(http_proxy, url, WARM_UP_SESSIONS, profile.ab_concurrency, profile.timeout)
+        cpu_before = tree_cpu_seconds(target.server_pid)
+        requests_per_s = _run_ab(http_proxy, url, profile.ab_requests, profile.ab_concurrency, profile.timeout)
+        cpu = tree_cpu_seconds(target.server_pid) - cpu_before
+    return {
+        "requests_per_s": requests_per_s,
+        "cpu_us_per_request": cpu / profile.ab_requests * MICROSECONDS,
+        "requests": profile.ab_requests,
+    }

@@ -1,0 +1,271 @@
+"""Starting and stopping the processes a benchmark run needs: nginx, the SOCKS servers, privoxy.
+
+Every process is started in a new session, so it leads its own process group,
+and is stopped by signalling that group; leftover descendants are killed by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from proctree import process_tree
+from socks5 import Endpoint
+
+LOCALHOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 5.0
+
+
+class StartError(RuntimeError):
+    """A process did not come up listening on its port."""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOCALHOST, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _last_log_line(log: Path) -> str:
+    """The last line a process printed: for a Python traceback, the exception."""
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    return lines[-1] if lines else "(no output)"
+
+
+def _wait_until_listening(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise StartError(f"server exited with status {process.returncode}: {_last_log_line(log)}")
+        try:
+            socket.create_connection((LOCALHOST, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise StartError(f"server not listening on port {port} after {START_TIMEOUT:.0f} s: {_last_log_line(log)}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    descendants = process_tree(process.pid)[1:]
+    for signal_number, grace in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, STOP_TIMEOUT)):
+        try:
+            os.killpg(process.pid, signal_number)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    for pid in descendants:  # any that left the process group
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextmanager
+def running(
+    name: str, argv: list[str], port: int, workdir: Path, env: Mapping[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run argv until the block ends; returns once it accepts connections on port."""
+    log = workdir / f"{name}.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=None if env is None else dict(env),
+            start_new_session=True,
+        )
+    try:
+        _wait_until_listening(process, port, log)
+        yield process
+    finally:
+        _stop(process)
+
+
+# --- nginx -------------------------------------------------------------------
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile {open_files};
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log;
+events {{ worker_connections {open_files}; }}
+http {{
+    access_log off;
+    sendfile on;
+    keepalive_requests 100000;
+    keepalive_timeout 600s;
+    default_type application/octet-stream;
+    client_body_temp_path {workdir}/client_body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;
+    server {{
+        listen {host}:{port};
+        root {docroot};
+    }}
+}}
+"""
+
+_WRITE_CHUNK = 1 << 20
+
+
+def _write_random_file(path: Path, size: int) -> None:
+    with path.open("wb") as output:
+        for offset in range(0, size, _WRITE_CHUNK):
+            output.write(os.urandom(min(_WRITE_CHUNK, size - offset)))
+
+
+def _make_docroot(docroot: Path, file_sizes: Mapping[str, int]) -> None:
+    docroot.mkdir()
+    for name, size in file_sizes.items():
+        _write_random_file(docroot / name, size)
+
+
+@contextmanager
+def nginx(workdir: Path, file_sizes: Mapping[str, int], open_files: int) -> Iterator[Endpoint]:
+    """An nginx serving file_sizes (name -> bytes of random content) on a free port.
+
+    Started as root, nginx's worker runs as "nobody", so every directory above
+    workdir must be searchable by others.
+    """
+    docroot = workdir / "docroot"
+    _make_docroot(docroot, file_sizes)
+    workdir.chmod(0o755)
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(workdir=workdir, docroot=docroot, host=LOCALHOST, port=port, open_files=open_files)
+    )
+    nginx_program = shutil.which("nginx") or "/usr/sbin/nginx"
+    with running("nginx", [nginx_program, "-c", str(conf), "-p", str(workdir)], port, workdir):
+        yield Endpoint(LOCALHOST, port)
+
+
+# --- SOCKS servers -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SocksServer:
+    """How to start one SOCKS server under test; `name` labels its column."""
+
+    name: str
+    program: str
+    arguments: Callable[[int, Path], list[str]]  # (port, workdir) -> argv[1:]
+    env: Mapping[str, str] | None = field(default=None)
+
+    def is_installed(self) -> bool:
+        return Path(self.program).exists() or shutil.which(self.program) is not None
+
+    @contextmanager
+    def serving(self, workdir: Path) -> Iterator[tuple[Endpoint, int]]:
+        """Start the server on a free port: (its endpoint, its PID) until the block ends."""
+        port = free_port()
+        argv = [self.program, *self.arguments(port, workdir)]
+        with running(self.name.replace(" ", "_"), argv, port, workdir, self.env) as process:
+            yield Endpoint(LOCALHOST, port), process.pid
+
+
+def _environment_with_repo_sources() -> dict[str, str]:
+    """os.environ, with the repository's src/ first on PYTHONPATH so osocks runs uninstalled."""
+    env = dict(os.environ)
+    paths = [str(REPO / "src"), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def osocks(extra_arguments: list[str]) -> SocksServer:
+    """osocks from this checkout; --no-uci keeps a host's /etc/config/osocks out of the figures."""
+
+    def arguments(port: int, _: Path) -> list[str]:
+        listen = ["-l", LOCALHOST, "-p", str(port)]
+        return ["-m", "osocks", *listen, "-q", "--allow-local", "--no-uci", *extra_arguments]
+
+    return SocksServer(
+        name=" ".join(["osocks", *extra_arguments]),
+        program=sys.executable,
+        arguments=arguments,
+        env=_environment_with_repo_sources(),
+    )
+
+
+MICROSOCKS = "/usr/bin/microsocks"
+
+
+def _microsocks_knows_quiet() -> bool:
+    """microsocks before 1.0.4 has no -q (and logs nothing per session anyway)."""
+    usage = subprocess.run([MICROSOCKS, "-h"], capture_output=True, text=True, timeout=10)
+    return " -q" in usage.stdout + usage.stderr
+
+
+def microsocks() -> SocksServer:
+    def arguments(port: int, _: Path) -> list[str]:
+        quiet = ["-q"] if _microsocks_knows_quiet() else []
+        return ["-i", LOCALHOST, "-p", str(port), *quiet]
+
+    return SocksServer(name="microsocks", program=MICROSOCKS, arguments=arguments)
+
+
+DANTED = "/usr/sbin/danted"
+
+DANTE_CONF = """\
+logoutput: stderr
+internal: {host} port = {port}
+external: {host}
+socksmethod: none
+clientmethod: none
+{users}
+client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}
+socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
+"""
+
+# Dante switches to these users only when started as root.
+_DANTE_USERS = "user.privileged: root\nuser.unprivileged: nobody\n"
+
+
+def dante() -> SocksServer:
+    def arguments(port: int, workdir: Path) -> list[str]:
+        conf = workdir / "danted.conf"
+        users = _DANTE_USERS if os.geteuid() == 0 else ""
+        conf.write_text(DANTE_CONF.format(host=LOCALHOST, port=port, users=users))
+        return ["-f", str(conf), "-p", str(workdir / "danted.pid"), "-N", "1"]
+
+    return SocksServer(name="dante", program=DANTED, arguments=arguments)
+
+
+# --- privoxy -----------------------------------------------------------------
+
+PRIVOXY = "/usr/sbin/privoxy"
+
+PRIVOXY_CONF = """\
+listen-address {host}:{port}
+forward-socks5 / {socks_host}:{socks_port} .
+"""
+
+
+@contextmanager
+def privoxy(workdir: Path, socks: Endpoint) -> Iterator[Endpoint]:
+    """privoxy forwarding every request through the SOCKS server at socks, no logging."""
+    port = free_port()
+    conf = workdir / "privoxy.conf"
+    conf.write_text(PRIVOXY_CONF.format(host=LOCALHOST, port=port, socks_host=socks.host, socks_port=socks.port))
+    with running("privoxy", [PRIVOXY, "--no-daemon", str(conf)], port, workdir):
+        yield Endpoint(LOCALHOST, port)
