@@ -24,9 +24,9 @@ def test_connect_ipv4_relays_and_reports_bound_address(osocks: ServerThread, ech
     with sock:
         assert code == ReplyCode.SUCCEEDED
         assert bhost == "127.0.0.1" and bport != 0
-        assert echo.peers and echo.peers[-1][1] == bport  # BND is the outbound socket's own address
         sock.sendall(b"ping")
         assert recv_exactly(sock, 4) == b"ping"
+        assert echo.peers[-1][1] == bport  # BND is the outbound socket's own address
     status = osocks.wait_for(lambda s: s["sessions"]["live"] == 0)
     assert status["replies"]["succeeded"] == 1
     assert status["bytes"] == {"up": 4, "down": 4}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.handlers
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -15,15 +16,19 @@ from .settings import DEFAULTS, Settings, SettingsError
 
 log = logging.getLogger("osocks")
 
+UCI_DIR = "/etc/config"
+
 
 def load_settings(command: cli.Command) -> Settings:
-    """Defaults, then UCI (where asked for, or where it is installed), then the flags."""
+    """Defaults, then UCI (when asked for, or when pyuci and /etc/config/osocks exist), then the flags."""
     base = DEFAULTS
     if not command.no_uci:
         from . import uci
 
-        if command.uci is not None or uci.available():
-            base = uci.load(command.uci or "osocks")
+        if command.uci is not None:
+            base = uci.load(command.uci)
+        elif uci.available() and os.path.exists(f"{UCI_DIR}/osocks"):
+            base = uci.load("osocks")
     return command.settings(base)
 
 

@@ -97,7 +97,7 @@ def _parser() -> _Parser:
     p.add_argument("-s", dest="syslog", action="store_true")
     p.add_argument("-v", dest="louder", action="count")
     p.add_argument("-q", dest="quieter", action="count")
-    p.add_argument("-V", dest="version", action="store_true")
+    p.add_argument("-V", "--version", dest="version", action="store_true")
     p.add_argument("-h", "--help", dest="help", action="store_true")
     p.add_argument("-w", dest="workers", type=_count)
     p.add_argument("-u", dest="user", action="append")

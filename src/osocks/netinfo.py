@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 
@@ -40,6 +41,7 @@ def local_addresses() -> frozenset[Address]:
     now = time.monotonic()
     if now - _cache[0] < _CACHE_SECONDS:
         return _cache[1]
+    _local_verdicts.clear()
     found: set[Address] = set()
     for read in (_ipv4_local, _ipv6_local):
         try:
@@ -50,8 +52,9 @@ def local_addresses() -> frozenset[Address]:
     return _cache[1]
 
 
+@functools.lru_cache(maxsize=4096)
 def plain_address(host: str) -> Address:
-    """An address from text, with any %scope dropped and IPv4-mapped IPv6 made IPv4."""
+    """An address from text, with any %scope dropped and IPv4-mapped IPv6 made IPv4 (cached)."""
     address = ipaddress.ip_address(host.partition("%")[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
@@ -63,3 +66,19 @@ def is_local(address: Address) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return address.is_loopback or address.is_unspecified or address in local_addresses()
+
+
+_local_verdicts: dict[str, bool] = {}
+
+
+def is_local_host(host: str) -> bool:
+    """is_local for an address in text, remembered until the host's addresses are read again."""
+    local = local_addresses()  # first, so a refresh clears the verdicts before they are read
+    verdict = _local_verdicts.get(host)
+    if verdict is None:
+        address = plain_address(host)
+        verdict = address.is_loopback or address.is_unspecified or address in local
+        if len(_local_verdicts) > 4096:
+            _local_verdicts.clear()
+        _local_verdicts[host] = verdict
+    return verdict

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
@@ -15,7 +16,7 @@ from . import __version__, netinfo
 from .rules import allowed
 from .session import COMMAND, RELAY, Session, _endpoint
 from .settings import Settings
-from .socks5 import ProtocolError, ReplyCode
+from .socks5 import Command, ProtocolError, ReplyCode
 
 log = logging.getLogger("osocks")
 
@@ -58,11 +59,13 @@ class Server:
         self.live: set[Session] = set()
         self.listeners: dict[tuple[str, int], asyncio.AbstractServer] = {}
         self._ticker: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.closed = asyncio.Event()
 
     # -- listeners ---------------------------------------------------------
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         await self._open_listeners(self.settings)
         self._tick()
 
@@ -139,26 +142,25 @@ class Server:
             )
 
     async def resolve(self, host: str, port: int) -> list[tuple[int, tuple]]:
-        family = {"any": socket.AF_UNSPEC, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}[self.settings.family]
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
+        """(family, sockaddr) to try in turn: an IP literal as it is, a name through the resolver."""
+        family = _FAMILIES[self.settings.family]
+        literal = _literal_family(host)
+        if literal is None:
             addresses = await self.resolver(host, port, family)
             if not addresses:
-                raise socket.gaierror(socket.EAI_NONAME, "name has no address") from None
+                raise socket.gaierror(socket.EAI_NONAME, "name has no address")
             return addresses
-        if family == socket.AF_INET and ip.version == 6 or family == socket.AF_INET6 and ip.version == 4:
-            raise ProtocolError(f"IPv{ip.version} destinations are off (-{10 - ip.version})",
+        if family not in (socket.AF_UNSPEC, literal):
+            version = 4 if literal == socket.AF_INET else 6
+            raise ProtocolError(f"IPv{version} destinations are off (-{10 - version})",
                                 ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
-        if ip.version == 4:
-            return [(socket.AF_INET, (host, port))]
-        return [(socket.AF_INET6, (host, port, 0, 0))]
+        return [(literal, (host, port))]
 
     def destination_allowed(self, host: str, port: int) -> bool:
-        address = ipaddress.ip_address(host.partition("%")[0])
-        if not self.settings.allow_local and netinfo.is_local(address):
+        if not self.settings.allow_local and netinfo.is_local_host(host):
             return False
-        return allowed(self.settings.dest_rules, address, port)
+        rules = self.settings.dest_rules
+        return not rules or allowed(rules, netinfo.plain_address(host), port)
 
     def source_address(self, family: int) -> tuple[str, int] | None:
         source = self.settings.bind_address
@@ -179,6 +181,9 @@ class Server:
             if session.state < COMMAND:
                 if now - session.started > settings.handshake_timeout:
                     session.abort("handshake timeout")
+            elif session.state == COMMAND:
+                if session.command == Command.CONNECT and now - session.active > settings.connect_timeout:
+                    session.fail(ReplyCode.TTL_EXPIRED, "connect timed out")
             elif session.state == RELAY:
                 up, down = session.bytes_moved()
                 if up + down != session.seen_bytes:
@@ -187,7 +192,7 @@ class Server:
                 elif now - session.active > settings.idle_timeout:
                     session.abort("idle timeout")
         s = self.settings
-        interval = min(1.0, max(0.05, min(s.handshake_timeout, s.idle_timeout) / 4))
+        interval = min(1.0, max(0.02, min(s.handshake_timeout, s.idle_timeout, s.connect_timeout) / 8))
         self._ticker = asyncio.get_running_loop().call_later(interval, self._tick)
 
     # -- status, reload, shutdown ------------------------------------------
@@ -239,11 +244,44 @@ class Server:
         self.closed.set()
 
 
+class _ListeningSocket(socket.socket):
+    """Works around CPython gh-151615 (the stock loop of 3.11-3.13): when accept() fails for want of
+    fds, the loop still calls it `backlog` times in the same tick, each time logging and scheduling a
+    retry, and the retries multiply into a busy loop.  Here, right after such a failure, accept()
+    finds nothing to accept, so the loop waits for its one retry.  uvloop does not call this."""
+
+    starved_until = 0.0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if time.monotonic() < self.starved_until:
+            raise BlockingIOError(errno.EAGAIN, "out of resources, retrying later")
+        try:
+            return super().accept()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.starved_until = time.monotonic() + 0.1
+            raise
+
+
+_FAMILIES = {"any": socket.AF_UNSPEC, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
+
+
+def _literal_family(host: str) -> int | None:
+    """AF_INET or AF_INET6 when host is an IP address, None for a name."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family
+    return None
+
+
 def _listening_socket(address: tuple[str, int], settings: Settings, wanted: list[tuple[str, int]]) -> socket.socket:
     host, port = address
     ip = ipaddress.ip_address(host)
     family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = _ListeningSocket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import socket
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import auth, relay, socks5
 from .bind import bind
@@ -165,21 +163,24 @@ class Session(asyncio.Protocol):
 
     def _run(self, request: socks5.Request) -> None:
         self.target = f"{_host(request.host)}:{request.port}"
-        self.state = COMMAND
         self.command = request.command
-        if request.command == Command.CONNECT:
-            self.task = asyncio.ensure_future(self._guarded(self._connect(request)))
-        elif request.command == Command.BIND:
-            self.task = asyncio.ensure_future(self._guarded(bind(self, request)))
-        elif request.command == Command.UDP_ASSOCIATE:
-            self.task = asyncio.ensure_future(self._guarded(associate(self, request)))
-        else:
+        if request.command not in (Command.CONNECT, Command.BIND, Command.UDP_ASSOCIATE):
+            self.state = COMMAND  # so that fail() replies
             self.fail(ReplyCode.COMMAND_NOT_SUPPORTED, f"unknown command {request.command:#04x}")
+            return
+        self.state = COMMAND
+        self.active = time.monotonic()  # the server's sweep enforces the connect timeout from here
+        self.task = self.server.loop.create_task(self._command(request))
 
-    async def _guarded(self, command: Coroutine[Any, Any, None]) -> None:
-        """Run a command; any failure becomes its reply code, then close."""
+    async def _command(self, request: socks5.Request) -> None:
+        """Run the command; any failure becomes its reply code, then close."""
         try:
-            await command
+            if request.command == Command.CONNECT:
+                await self._connect(request)
+            elif request.command == Command.BIND:
+                await bind(self, request)
+            else:
+                await associate(self, request)
         except ProtocolError as e:
             self.fail(e.reply, str(e))
         except Exception as e:
@@ -191,34 +192,26 @@ class Session(asyncio.Protocol):
         if request.port == 0:
             raise ProtocolError("destination port 0", ReplyCode.GENERAL_FAILURE)
         upstream = relay.RelayEnd()
-        async with asyncio.timeout(self.settings.connect_timeout):
-            addresses = await self.server.resolve(request.host, request.port)
-            transport = await self._dial(addresses, upstream)
+        addresses = await self.server.resolve(request.host, request.port)
+        transport = await self._dial(addresses, upstream)
         self.succeed(transport, upstream)
 
-    async def _dial(self, addresses: list[tuple], upstream: relay.RelayEnd) -> asyncio.Transport:
+    async def _dial(self, addresses: list[tuple[int, tuple]], upstream: relay.RelayEnd) -> asyncio.Transport:
         """Try each address in turn; the last error tells the reply."""
-        loop = asyncio.get_running_loop()
+        loop = self.server.loop
         error: BaseException = OSError("no address to connect to")
         for family, sockaddr in addresses:
-            if not self.server.destination_allowed(sockaddr[0], sockaddr[1]):
+            host, port = sockaddr[0], sockaddr[1]
+            if not self.server.destination_allowed(host, port):
                 error = ProtocolError(f"destination {_endpoint(sockaddr)} denied by rule", ReplyCode.NOT_ALLOWED)
                 continue
-            sock = socket.socket(family, socket.SOCK_STREAM)
             try:
-                sock.setblocking(False)
-                source = self.server.source_address(family)
-                if source is not None:
-                    sock.bind(source)
-                await loop.sock_connect(sock, sockaddr)
-                transport, _ = await loop.create_connection(lambda: upstream, sock=sock)
+                transport, _ = await loop.create_connection(
+                    lambda: upstream, host, port, family=family, local_addr=self.server.source_address(family)
+                )
                 return transport  # type: ignore[return-value]
             except OSError as e:
-                sock.close()
                 error = e
-            except BaseException:
-                sock.close()
-                raise
         raise error
 
     def succeed(

@@ -9,7 +9,6 @@ to send before closing, or `None` when the only answer is to close.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
@@ -127,12 +126,12 @@ def _parse_address(data: bytes, offset: int) -> tuple[AddressType, str, int, int
         end = offset + 1 + 4 + 2
         if len(data) < end:
             return None
-        host = str(ipaddress.IPv4Address(bytes(data[offset + 1 : offset + 5])))
+        host = socket.inet_ntop(socket.AF_INET, data[offset + 1 : offset + 5])
     elif atyp == AddressType.IPV6:
         end = offset + 1 + 16 + 2
         if len(data) < end:
             return None
-        host = str(ipaddress.IPv6Address(bytes(data[offset + 1 : offset + 17])))
+        host = socket.inet_ntop(socket.AF_INET6, data[offset + 1 : offset + 17])
     elif atyp == AddressType.DOMAIN:
         if len(data) < offset + 2:
             return None
@@ -192,15 +191,15 @@ def auth_reply(ok: bool) -> bytes:
 
 def encode_address(host: str, port: int) -> bytes:
     """ATYP ADDR PORT for an IP literal or a domain name."""
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        name = host.encode("ascii")
-        if not 0 < len(name) < 256:
-            raise ValueError(f"domain name of {len(name)} bytes") from None
-        return bytes((AddressType.DOMAIN, len(name))) + name + struct.pack("!H", port)
-    atyp = AddressType.IPV4 if ip.version == 4 else AddressType.IPV6
-    return bytes((atyp,)) + ip.packed + struct.pack("!H", port)
+    for family, atyp in ((socket.AF_INET, AddressType.IPV4), (socket.AF_INET6, AddressType.IPV6)):
+        try:
+            return bytes((atyp,)) + socket.inet_pton(family, host.partition("%")[0]) + struct.pack("!H", port)
+        except OSError:
+            pass
+    name = host.encode("ascii")
+    if not 0 < len(name) < 256:
+        raise ValueError(f"domain name of {len(name)} bytes")
+    return bytes((AddressType.DOMAIN, len(name))) + name + struct.pack("!H", port)
 
 
 def encode_reply(code: ReplyCode, host: str = "0.0.0.0", port: int = 0) -> bytes:

@@ -1,0 +1,279 @@
+"""The OpenWrt package, checked without make or an SDK: recipe, files, scripts, test.sh."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import osocks
+
+ROOT = Path(__file__).resolve().parent.parent
+MAKEFILE = (ROOT / "Makefile").read_text()
+UVLOOP_MAKEFILE = (ROOT / "feeds" / "python3-uvloop" / "Makefile").read_text()
+INIT = ROOT / "files" / "osocks.init"
+TEST_SH = ROOT / "test.sh"
+DEPENDS = {"python3-light", "python3-asyncio", "python3-logging", "python3-ubus", "python3-uci", "python3-uvloop"}
+
+
+def variables(text: str) -> dict[str, str]:
+    """`NAME:=value` lines (continuations joined), as make would read the simple ones."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    return {m[1]: m[2].strip() for m in re.finditer(r"^\s*([A-Z0-9_]+)\s*:?=(.*)$", text, re.M)}
+
+
+def block(text: str, name: str) -> str:
+    m = re.search(rf"^define {re.escape(name)}\n(.*?)^endef", text, re.M | re.S)
+    assert m, f"no 'define {name}'"
+    return m[1]
+
+
+def test_version_matches_the_python_package() -> None:
+    """PKG_VERSION is written out (as OpenWrt tools expect) and kept equal to __version__."""
+    init = (ROOT / "src" / "osocks" / "__init__.py").read_text()
+    assert variables(MAKEFILE)["PKG_VERSION"] == osocks.__version__
+    assert re.search(rf'^__version__ = "{re.escape(osocks.__version__)}"$', init, re.M)
+
+
+def test_package_name_license_and_build_dependencies() -> None:
+    v = variables(MAKEFILE)
+    assert (v["PKG_NAME"], v["PKG_LICENSE"]) == ("osocks", "MIT")
+    assert re.fullmatch(r"[1-9][0-9]*", v["PKG_RELEASE"])
+    assert "python-setuptools/host" in v["PKG_BUILD_DEPENDS"].split()
+    assert "include $(TOPDIR)/feeds/packages/lang/python/python3-package.mk" in MAKEFILE
+    assert "$(eval $(call Py3Package,osocks))" in MAKEFILE
+    assert "$(eval $(call BuildPackage,osocks))" in MAKEFILE
+
+
+def test_depends_are_exactly_the_runtime_six() -> None:
+    depends = variables(block(MAKEFILE, "Package/osocks"))["DEPENDS"].split()
+    assert all(d.startswith("+") for d in depends)
+    assert len(depends) == len(DEPENDS) and {d[1:] for d in depends} == DEPENDS
+
+
+def test_wheel_and_console_script_match_the_recipe() -> None:
+    """The recipe installs osocks-<PKG_VERSION>-*.whl, its /usr/bin/osocks, from what Build/Prepare copies."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["name"] == variables(MAKEFILE)["PKG_NAME"]
+    assert "osocks" in project["project"]["scripts"]
+    assert "$(PKG_INSTALL_DIR)/usr/bin/osocks $(1)/usr/bin/" in MAKEFILE
+    prepare = block(MAKEFILE, "Build/Prepare")
+    for needed in ("pyproject.toml", "src", project["project"].get("readme")):
+        if needed:
+            assert f"./{needed}" in prepare, f"Build/Prepare does not copy {needed}"
+            assert (ROOT / needed).exists()
+
+
+def test_every_file_is_installed_where_it_belongs() -> None:
+    install = block(MAKEFILE, "Py3Package/osocks/install")
+    expected = {
+        "osocks.init": "$(INSTALL_BIN) ./files/osocks.init $(1)/etc/init.d/osocks",
+        "osocks.config": "$(INSTALL_CONF) ./files/osocks.config $(1)/etc/config/osocks",
+        "osocks.rpcd-acl.json": "$(INSTALL_DATA) ./files/osocks.rpcd-acl.json $(1)/usr/share/rpcd/acl.d/osocks.json",
+        "osocks.ubus-acl.json": "$(INSTALL_DATA) ./files/osocks.ubus-acl.json $(1)/usr/share/acl.d/osocks.json",
+    }
+    assert sorted(p.name for p in (ROOT / "files").iterdir()) == sorted(expected)
+    for line in expected.values():
+        assert line in install
+
+
+def test_conffiles() -> None:
+    assert block(MAKEFILE, "Package/osocks/conffiles").split() == ["/etc/config/osocks"]
+
+
+def test_user_osocks_everywhere() -> None:
+    assert variables(block(MAKEFILE, "Package/osocks"))["USERID"] == "osocks:osocks"
+    init = INIT.read_text()
+    assert "procd_set_param user osocks" in init and "procd_set_param group osocks" in init
+    assert json.loads((ROOT / "files" / "osocks.ubus-acl.json").read_text())["user"] == "osocks"
+
+
+def test_ubus_acl_lets_osocks_publish_and_read_interfaces() -> None:
+    acl = json.loads((ROOT / "files" / "osocks.ubus-acl.json").read_text())
+    assert acl["publish"] == ["osocks"]
+    assert acl["access"]["network.interface.*"]["methods"] == ["status"]
+
+
+def test_rpcd_acl() -> None:
+    acl = json.loads((ROOT / "files" / "osocks.rpcd-acl.json").read_text())
+    (group,) = acl.values()
+    assert group["read"]["ubus"] == {"osocks": ["status", "sessions"]}
+    assert group["write"]["ubus"] == {"osocks": ["reload"]}
+    assert group["read"]["uci"] == group["write"]["uci"] == ["osocks"]
+
+
+def test_init_script_and_config_agree_on_section_main() -> None:
+    assert re.search(r"^config osocks 'main'$", (ROOT / "files" / "osocks.config").read_text(), re.M)
+    assert "config_get_bool enabled main enabled 1" in INIT.read_text()
+    assert INIT.read_text().startswith("#!/bin/sh /etc/rc.common\n")
+
+
+# --- shell syntax -------------------------------------------------------------------------------
+
+SHELLS = [["sh", "-n"]] + [cmd for cmd in (["dash", "-n"], ["busybox", "sh", "-n"]) if shutil.which(cmd[0])]
+
+
+@pytest.mark.parametrize("script", [INIT, TEST_SH], ids=["osocks.init", "test.sh"])
+@pytest.mark.parametrize("shell", SHELLS, ids=[" ".join(s[:-1]) for s in SHELLS])
+def test_shell_syntax(shell: list[str], script: Path) -> None:
+    result = subprocess.run([*shell, str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+@pytest.mark.parametrize("script", [INIT, TEST_SH], ids=["osocks.init", "test.sh"])
+def test_shellcheck(script: Path) -> None:
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+# --- the init script, run with stand-ins for OpenWrt's shell functions ---------------------------
+
+STUBS = """
+config_load() { echo "config_load $*"; }
+config_get_bool() { eval "$1=\\$ENABLED"; echo "config_get_bool $2 $3 $4"; }
+config_get() { eval "$1=\\$INTERFACES"; echo "config_get $2 $3"; }
+procd_open_instance() { echo "procd_open_instance"; }
+procd_set_param() { echo "procd_set_param $*"; }
+procd_close_instance() { echo "procd_close_instance"; }
+procd_add_reload_trigger() { echo "procd_add_reload_trigger $*"; }
+procd_add_interface_trigger() { echo "procd_add_interface_trigger $*"; }
+chgrp() { echo "chgrp $*"; }
+chmod() { echo "chmod $*"; }
+ubus() { echo "ubus $*"; [ "$1" != list ] || [ -n "$UBUS_UP" ]; }
+start() { echo "start"; }
+stop() { echo "stop"; }
+"""
+
+
+def run_init(function: str, **env: str) -> list[str]:
+    script = f"{STUBS}\n. '{INIT}'\n{function}\n"
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_init_start_service() -> None:
+    assert run_init("start_service", ENABLED="1") == [
+        "config_load osocks",
+        "config_get_bool main enabled 1",
+        "chgrp osocks /etc/config/osocks",
+        "chmod 0640 /etc/config/osocks",
+        "procd_open_instance",
+        "procd_set_param command /usr/bin/osocks --uci osocks",
+        "procd_set_param user osocks",
+        "procd_set_param group osocks",
+        "procd_set_param respawn",
+        "procd_set_param stdout 1",
+        "procd_set_param stderr 1",
+        "procd_close_instance",
+    ]
+
+
+def test_init_disabled_starts_nothing() -> None:
+    assert "procd_open_instance" not in run_init("start_service", ENABLED="0")
+
+
+def test_init_triggers_follow_the_interfaces() -> None:
+    assert run_init("service_triggers", INTERFACES="lan guest") == [
+        "procd_add_reload_trigger osocks",
+        "config_load osocks",
+        "config_get main interface",
+        "procd_add_interface_trigger interface.* lan /etc/init.d/osocks reload",
+        "procd_add_interface_trigger interface.* guest /etc/init.d/osocks reload",
+    ]
+    assert run_init("service_triggers", INTERFACES="") == [
+        "procd_add_reload_trigger osocks",
+        "config_load osocks",
+        "config_get main interface",
+    ]
+
+
+def test_init_reload_keeps_sessions_over_ubus() -> None:
+    assert run_init("reload_service", UBUS_UP="1") == [
+        "chgrp osocks /etc/config/osocks",
+        "chmod 0640 /etc/config/osocks",
+        "ubus call osocks reload",
+        "start",
+    ]
+
+
+def test_init_reload_restarts_when_osocks_is_not_on_ubus() -> None:
+    assert run_init("reload_service")[-2:] == ["stop", "start"]
+
+
+# --- the uvloop recipe --------------------------------------------------------------------------
+
+
+def test_uvloop_recipe() -> None:
+    v = variables(UVLOOP_MAKEFILE)
+    assert re.fullmatch(r"[0-9a-f]{64}", v["PKG_HASH"])
+    assert v["PYPI_NAME"] == "uvloop" and re.fullmatch(r"\d+\.\d+\.\d+", v["PKG_VERSION"])
+    depends = variables(block(UVLOOP_MAKEFILE, "Package/python3-uvloop"))["DEPENDS"].split()
+    assert set(depends) == {"+python3-light", "+python3-asyncio", "+python3-openssl", "+libuv"}
+    assert {"python-cython/host", "python-setuptools/host"} <= set(v["PKG_BUILD_DEPENDS"].split())
+    assert "--build-option=--use-system-libuv" in v["PYTHON3_PKG_BUILD_CONFIG_SETTINGS"].split()
+    assert "$(eval $(call BuildPackage,python3-uvloop))" in UVLOOP_MAKEFILE
+
+
+# --- test.sh against the installed osocks (pip install -e .) ------------------------------------
+
+
+def run_test_sh(*args: str, hide_ubus: bool = False) -> subprocess.CompletedProcess[str]:
+    if shutil.which("osocks") is None:
+        pytest.skip("osocks is not on PATH (pip install -e .)")
+    path = os.environ["PATH"]
+    if hide_ubus:
+        path = os.pathsep.join(d for d in path.split(os.pathsep) if not os.path.exists(os.path.join(d, "ubus")))
+    env = {**os.environ, "PATH": path}
+    return subprocess.run(["sh", str(TEST_SH), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_test_sh_without_ubus() -> None:
+    result = run_test_sh("osocks", osocks.__version__, hide_ubus=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "echoed: hello through osocks" in result.stdout
+    assert "ubus: not available, skipping status check" in result.stdout
+    assert result.stdout.rstrip().endswith("PASS")
+
+
+def other_osocks() -> bool:
+    """Whether some process runs osocks (it would take the ubus object "osocks")."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(arg == b"osocks" or arg.endswith(b"/osocks") for arg in argv[:3]):
+            return True
+    return False
+
+
+@pytest.mark.skipif(shutil.which("ubusd") is None, reason="ubusd is not installed (OpenWrt only)")
+def test_test_sh_with_ubus() -> None:
+    """test.sh starts its own ubusd; one already running may carry another osocks."""
+    if shutil.which("ubus") is None:
+        pytest.skip("ubus is not installed (OpenWrt only)")
+    if subprocess.run(["ubus", "list"], capture_output=True, timeout=10).returncode == 0:
+        pytest.skip("a ubusd is already running: its osocks object may belong to another process")
+    if other_osocks():
+        pytest.skip("another osocks is running: it would register on the ubusd test.sh starts")
+    result = run_test_sh("osocks", osocks.__version__)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "== ubus call osocks status" in result.stdout and result.stdout.rstrip().endswith("PASS")
+
+
+def test_test_sh_checks_the_version() -> None:
+    result = run_test_sh("osocks", "0.0.0-not-this", hide_ubus=True)
+    assert result.returncode != 0 and "FAIL: osocks -V: expected 'osocks 0.0.0-not-this'" in result.stderr
+
+
+def test_test_sh_ignores_other_packages() -> None:
+    result = subprocess.run(["sh", str(TEST_SH), "python3-uvloop", "0.22.1"], capture_output=True, timeout=10)
+    assert result.returncode == 0 and not result.stdout
