@@ -10,13 +10,14 @@ import signal
 import sys
 from collections.abc import Callable
 
-from . import __version__, cli
+from . import __version__, cli, netinfo, ubus
 from .server import ListenError, Server
 from .settings import DEFAULTS, Settings, SettingsError
 
 log = logging.getLogger("osocks")
 
 UCI_DIR = "/etc/config"
+UBUS_SOCKETS = ("/var/run/ubus/ubus.sock", "/var/run/ubus.sock")  # libubus' default, and older OpenWrt's
 
 
 def load_settings(command: cli.Command) -> Settings:
@@ -25,10 +26,11 @@ def load_settings(command: cli.Command) -> Settings:
     if not command.no_uci:
         from . import uci
 
+        confdir = command.uci_dir or UCI_DIR
         if command.uci is not None:
-            base = uci.load(command.uci)
-        elif uci.available() and os.path.exists(f"{UCI_DIR}/osocks"):
-            base = uci.load("osocks")
+            base = uci.load(command.uci, confdir=confdir)
+        elif uci.available() and os.path.exists(f"{confdir}/osocks"):
+            base = uci.load("osocks", confdir=confdir)
     return command.settings(base)
 
 
@@ -57,46 +59,67 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> None:
-    server = Server(settings)
-    await server.start()
+async def serve(command: cli.Command, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
+    server = Server(settings)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # before ubus starts: libubox would take SIGTERM
+        loop.add_signal_handler(signum, server.close)
 
     async def reload() -> dict:
         try:
-            new = reload_settings()
-        except (SettingsError, OSError) as e:
-            log.error("reload failed, keeping the running config: %s", e)
-            return {"error": str(e)}
-        try:
-            return await server.reload(new)
-        except ListenError as e:
+            new = load_settings(command)
+            addresses = await interfaces(new)
+            return await server.reload(new, addresses)
+        except (SettingsError, ListenError, OSError) as e:
             log.error("reload failed, keeping the running config: %s", e)
             return {"error": str(e)}
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, server.close)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
-    bridge = _start_ubus(server, reload, loop)
-    log.info("osocks %s listening on %s", __version__, ", ".join(server.status()["listeners"]))
+    bridge = _start_ubus(server, reload, loop, command.ubus_socket)
+
+    async def interfaces(settings: Settings) -> dict[str, list[str]]:
+        """The addresses of the configured interfaces: from netifd over ubus, else from the kernel."""
+        found: dict[str, list[str]] = {}
+        for name in settings.interfaces:
+            if bridge is None:
+                found[name] = netinfo.linux_interface_addresses(name)
+                continue
+            try:
+                replies = await asyncio.wrap_future(bridge.call(f"network.interface.{name}", "status", {}))
+            except Exception as e:
+                log.warning("interface %s: no status from netifd (%s)", name, e)
+                replies = []
+            from .ubus import interface_addresses
+
+            found[name] = interface_addresses(replies[0]) if replies else []
+        return found
+
     try:
+        await server.start(await interfaces(settings))
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
+        log.info("osocks %s listening on %s", __version__, ", ".join(server.status()["listeners"]) or "nothing yet")
         await server.closed.wait()
     finally:
+        server.close()
         if bridge is not None:
             bridge.stop()
     log.info("osocks stopped")
 
 
-def _start_ubus(server: Server, reload: Callable, loop: asyncio.AbstractEventLoop) -> object | None:
-    from . import ubus
-
+def _start_ubus(
+    server: Server, reload: Callable, loop: asyncio.AbstractEventLoop, socket_path: str | None
+) -> ubus.UbusBridge | None:
     if not ubus.available():
         return None
-    bridge = ubus.UbusBridge(status=server.status, sessions=server.sessions, reload=reload, loop=loop)
+    if socket_path is None and not any(os.path.exists(path) for path in UBUS_SOCKETS):
+        log.debug("ubus: no ubusd socket; status is not published")
+        return None
+    bridge = ubus.UbusBridge(
+        status=server.status, sessions=server.sessions, reload=reload, loop=loop, socket_path=socket_path
+    )
     try:
         bridge.start()
     except Exception as e:  # no ubusd running: serve anyway
-        log.warning("ubus: not connected (%s); status is not published", e)
+        log.warning("ubus: not connected (%s); status is not published", str(e).strip())
         return None
     return bridge
 
@@ -117,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings)
     loop = new_event_loop()
     try:
-        loop.run_until_complete(serve(settings, lambda: load_settings(command)))
+        loop.run_until_complete(serve(command, settings))
     except ListenError as e:
         cli.die(str(e), 1)
     except KeyboardInterrupt:

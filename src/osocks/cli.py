@@ -44,6 +44,8 @@ Usage: osocks [-l addr] [-p port] [-n num] [-I idle-timeout] [-T connect-timeout
   --no-splice                 copy bytes in Python instead of splice(2)
   --uci [CONFIG] / -c CONFIG  read /etc/config/CONFIG (osocks) first; flags override it
   --no-uci                    do not read UCI (the default where UCI is not installed)
+  --uci-dir DIR               where UCI configs are (/etc/config)
+  --ubus-socket PATH          the ubusd socket (libubus' default)
 """
 
 
@@ -113,6 +115,8 @@ def _parser() -> _Parser:
     p.add_argument("--uci", nargs="?", const="osocks")
     p.add_argument("-c", dest="uci")
     p.add_argument("--no-uci", dest="no_uci", action="store_true")
+    p.add_argument("--uci-dir", dest="uci_dir")
+    p.add_argument("--ubus-socket", dest="ubus_socket")
     return p
 
 
@@ -125,6 +129,8 @@ class Command:
         self.version = given.pop("version", False)
         self.uci: str | None = given.pop("uci", None)
         self.no_uci: bool = given.pop("no_uci", False)
+        self.uci_dir: str | None = given.pop("uci_dir", None)
+        self.ubus_socket: str | None = given.pop("ubus_socket", None)
 
     def settings(self, base: Settings = DEFAULTS) -> Settings:
         """The settings: `base` (defaults, or UCI) with every given flag on top."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
 import time
 
 from .rules import Address
@@ -82,3 +83,31 @@ def is_local_host(host: str) -> bool:
             _local_verdicts.clear()
         _local_verdicts[host] = verdict
     return verdict
+
+
+def linux_interface_addresses(name: str) -> list[str]:
+    """The addresses of a Linux network device (primary IPv4, global IPv6); [] when it has none.
+
+    Where netifd is not there to ask (osocks -i on a plain Linux host), the
+    interface name is the kernel's device name.
+    """
+    import fcntl
+    import struct
+
+    found: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            request = struct.pack("256s", name.encode()[:15])
+            answer = fcntl.ioctl(sock.fileno(), 0x8915, request)  # SIOCGIFADDR
+            found.append(socket.inet_ntoa(answer[20:24]))
+        except OSError:
+            pass
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) == 6 and fields[5] == name and fields[3] in ("00", "10"):  # global or host scope
+                    found.append(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+    except OSError:
+        pass
+    return found

@@ -58,27 +58,30 @@ class Server:
         self.counters = Counters()
         self.live: set[Session] = set()
         self.listeners: dict[tuple[str, int], asyncio.AbstractServer] = {}
+        self.interface_addresses: dict[str, list[str]] = {}  # OpenWrt interface → its addresses
         self._ticker: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.closed = asyncio.Event()
 
     # -- listeners ---------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, interface_addresses: dict[str, list[str]] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
-        await self._open_listeners(self.settings)
+        await self._open_listeners(self.settings, interface_addresses or {})
         self._tick()
 
-    def listen_addresses(self, settings: Settings) -> list[tuple[str, int]]:
+    def listen_addresses(self, settings: Settings, interface_addresses: dict[str, list[str]]) -> list[tuple[str, int]]:
         addresses = list(settings.listen)
+        for name in settings.interfaces:
+            addresses += interface_addresses.get(name, [])
         if settings.family == "ipv4":
             addresses = [a for a in addresses if ipaddress.ip_address(a).version == 4]
         elif settings.family == "ipv6":
             addresses = [a for a in addresses if ipaddress.ip_address(a).version == 6]
         return [(address, settings.port) for address in dict.fromkeys(addresses)]
 
-    async def _open_listeners(self, settings: Settings) -> list[str]:
-        wanted = self.listen_addresses(settings)
+    async def _open_listeners(self, settings: Settings, interface_addresses: dict[str, list[str]]) -> list[str]:
+        wanted = self.listen_addresses(settings, interface_addresses)
         if not wanted and not settings.interfaces:
             raise ListenError(f"no listen address of family {settings.family}")
         opened: dict[tuple[str, int], asyncio.AbstractServer] = {}
@@ -97,6 +100,7 @@ class Server:
             if address not in wanted:
                 self.listeners.pop(address).close()
         self.listeners.update(opened)
+        self.interface_addresses = interface_addresses
         return [_endpoint(address) for address in opened]
 
     def bound_addresses(self) -> list[tuple[str, int]]:
@@ -209,6 +213,7 @@ class Server:
             "pid": os.getpid(),
             "uptime": round(time.monotonic() - c.started, 3),
             "listeners": [_endpoint(address) for address in self.bound_addresses()],
+            "interfaces": self.interface_addresses,
             "sessions": {"live": len(self.live), "total": c.total, "peak": c.peak,
                          "refused": c.refused, "denied": c.denied},
             "auth_failures": c.auth_failures,
@@ -221,13 +226,17 @@ class Server:
     def sessions(self) -> list[dict[str, Any]]:
         return [session.describe() for session in self.live]
 
-    async def reload(self, settings: Settings) -> dict[str, Any]:
+    async def reload(self, settings: Settings, interface_addresses: dict[str, list[str]] | None = None) -> dict[str, Any]:
         """Apply new settings to new sessions; live sessions keep theirs."""
         old = self.settings
         changed = [name for name in old.public() if getattr(old, name) != getattr(settings, name)]
+        if interface_addresses is None:
+            interface_addresses = self.interface_addresses
+        elif interface_addresses != self.interface_addresses:
+            changed.append("interface_addresses")
         opened: list[str] = []
-        if any(name in changed for name in LISTEN_FIELDS):
-            opened = await self._open_listeners(settings)
+        if any(name in changed for name in (*LISTEN_FIELDS, "interface_addresses")):
+            opened = await self._open_listeners(settings, interface_addresses)
         self.settings = settings
         if changed:
             log.info("reloaded: %s changed", ", ".join(changed))

@@ -1,0 +1,158 @@
+"""osocks with the real OpenWrt pieces: ubusd, the ubus CLI, libuci through pyuci.
+
+They are not in any registry CI reaches, so these tests skip there; they run
+where libubox, ubus, uci, python-ubus and pyuci are installed (an OpenWrt
+host, or a machine where they were built from their public sources).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, HttpServer, free_port, recv_exactly
+from osocks import socks5, ubus, uci
+
+MISSING = [name for name in ("ubusd", "ubus") if shutil.which(name) is None]
+if not ubus.available():
+    MISSING.append("python-ubus")
+if not uci.available():
+    MISSING.append("pyuci")
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"OpenWrt only, not installed here: {', '.join(MISSING)}")
+
+CONFIG = """\
+config osocks 'main'
+\tlist listen '127.0.0.1'
+\toption port '{port}'
+\toption max_sessions '{max_sessions}'
+\toption allow_local '1'
+\tlist user 'alice:do-not-show-me'
+\tlist anonymous '127.0.0.0/8'
+"""
+
+
+@pytest.fixture
+def ubusd(tmp_path: Path):
+    path = str(tmp_path / "ubus.sock")
+    process = subprocess.Popen([shutil.which("ubusd"), "-s", path])  # type: ignore[list-item]
+    deadline = time.monotonic() + 5
+    while not Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield path
+    process.terminate()
+    process.wait(5)
+
+
+def ubus_call(sock: str, method: str) -> dict:
+    out = subprocess.run(["ubus", "-s", sock, "-t", "10", "call", "osocks", method], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+class Osocks:
+    def __init__(self, confdir: Path, sock: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "osocks", "--uci", "osocks", "--uci-dir", str(confdir), "--ubus-socket", sock],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        )
+        self.sock = sock
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if subprocess.run(["ubus", "-s", sock, "list", "osocks"], capture_output=True, timeout=5).returncode == 0:
+                return
+            assert self.proc.poll() is None, self.proc.stderr.read()  # type: ignore[union-attr]
+            time.sleep(0.05)
+        raise AssertionError("osocks did not register on ubus")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(10)
+
+
+@pytest.fixture
+def osocks_uci(tmp_path: Path, ubusd: str):
+    confdir = tmp_path / "config"
+    confdir.mkdir()
+    port = free_port()
+    (confdir / "osocks").write_text(CONFIG.format(port=port, max_sessions=5))
+    server = Osocks(confdir, ubusd)
+    yield server, confdir, port
+    server.stop()
+
+
+def test_status_from_the_ubus_cli(osocks_uci) -> None:
+    server, _, port = osocks_uci
+    status = ubus_call(server.sock, "status")
+    assert status["listeners"] == [f"127.0.0.1:{port}"]
+    assert status["settings"]["max_sessions"] == 5 and status["settings"]["users"] == ["alice"]
+    assert status["sessions"]["live"] == 0 and "succeeded" in status["replies"]
+    assert "do-not-show-me" not in json.dumps(status)
+
+
+def test_reload_keeps_a_running_transfer(osocks_uci, http_server: HttpServer) -> None:
+    server, confdir, port = osocks_uci
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"\x05\x01\x00" + socks5.encode_request(1, "127.0.0.1", http_server.port))
+    assert recv_exactly(sock, 12)[3] == 0
+    sock.sendall(b"GET /10M HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    body = bytearray()
+
+    def read_slowly() -> None:
+        while chunk := sock.recv(65536):
+            body.extend(chunk)
+            if len(body) < 2_000_000:
+                time.sleep(0.01)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    time.sleep(0.3)
+    assert ubus_call(server.sock, "sessions")["sessions"][0]["destination"] == f"127.0.0.1:{http_server.port}"
+
+    (confdir / "osocks").write_text(CONFIG.format(port=port, max_sessions=7) + "\tlist listen '127.0.0.2'\n")
+    answer = ubus_call(server.sock, "reload")
+    assert "max_sessions" in answer["changed"] and "listen" in answer["changed"]
+    assert f"127.0.0.2:{port}" in answer["listeners"]
+    socket.create_connection(("127.0.0.2", port), timeout=5).close()
+
+    (confdir / "osocks").write_text(CONFIG.format(port=port, max_sessions="lots"))
+    bad = ubus_call(server.sock, "reload")
+    assert "max_sessions" in bad["error"] and "'lots'" in bad["error"]
+    assert ubus_call(server.sock, "status")["settings"]["max_sessions"] == 7  # the old config stays
+
+    reader.join(60)
+    sock.close()
+    head, _, data = bytes(body).partition(b"\r\n\r\n")
+    assert hashlib.sha256(data).hexdigest() == hashlib.sha256(http_server.big).hexdigest()
+
+
+def test_sighup_reloads(osocks_uci) -> None:
+    server, confdir, port = osocks_uci
+    (confdir / "osocks").write_text(CONFIG.format(port=port, max_sessions=9))
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while ubus_call(server.sock, "status")["settings"]["max_sessions"] != 9:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_sigterm_with_ubus_exits_zero(osocks_uci) -> None:
+    server, _, _ = osocks_uci
+    assert server.stop() == 0
+
+
+def test_uci_read_with_real_libuci(tmp_path: Path) -> None:
+    (tmp_path / "osocks").write_text(CONFIG.format(port=1081, max_sessions=3) + "\tlist dest_rule 'deny all port 25'\n")
+    settings = uci.load("osocks", confdir=str(tmp_path))
+    assert settings.port == 1081 and settings.max_sessions == 3 and settings.allow_local
+    assert [u.name for u in settings.users] == ["alice"] and str(settings.dest_rules[0]) == "deny all port 25"
