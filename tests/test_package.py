@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import importlib.util
 import os
 import re
 import shutil
@@ -261,6 +262,8 @@ def test_test_sh_with_ubus() -> None:
     """test.sh starts its own ubusd; one already running may carry another osocks."""
     if shutil.which("ubus") is None:
         pytest.skip("ubus is not installed (OpenWrt only)")
+    if importlib.util.find_spec("ubus") is None:
+        pytest.skip("python-ubus is not installed (OpenWrt only): osocks could not publish its status")
     if subprocess.run(["ubus", "list"], capture_output=True, timeout=10).returncode == 0:
         pytest.skip("a ubusd is already running: its osocks object may belong to another process")
     deadline = time.monotonic() + 5  # an osocks of an earlier test may still be exiting

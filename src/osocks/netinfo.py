@@ -10,7 +10,9 @@ import time
 from .rules import Address
 
 _CACHE_SECONDS = 5.0
-_cache: tuple[float, frozenset[Address]] = (-1e9, frozenset())
+_cache: tuple[float, frozenset[Address], frozenset[bytes]] = (-1e9, frozenset(), frozenset())
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+_NEVER_FAIR = frozenset({bytes(4), bytes(16), bytes(15) + b"\x01"})  # 0.0.0.0, ::, ::1
 
 
 def _ipv4_local() -> set[Address]:
@@ -36,24 +38,26 @@ def _ipv6_local() -> set[Address]:
     return found
 
 
-def local_addresses() -> frozenset[Address]:
-    """Every address configured on this host (cached for a few seconds)."""
+def _refresh() -> tuple[float, frozenset[Address], frozenset[bytes]]:
     global _cache
     now = time.monotonic()
-    if now - _cache[0] < _CACHE_SECONDS:
-        return _cache[1]
-    _local_verdicts.clear()
-    found: set[Address] = set()
-    for read in (_ipv4_local, _ipv6_local):
-        try:
-            found |= read()
-        except (OSError, ValueError):
-            pass
-    _cache = (now, frozenset(found))
-    return _cache[1]
+    if now - _cache[0] >= _CACHE_SECONDS:
+        found: set[Address] = set()
+        for read in (_ipv4_local, _ipv6_local):
+            try:
+                found |= read()
+            except (OSError, ValueError):
+                pass
+        _cache = (now, frozenset(found), frozenset(address.packed for address in found))
+    return _cache
 
 
-@functools.lru_cache(maxsize=4096)
+def local_addresses() -> frozenset[Address]:
+    """Every address configured on this host (read again every few seconds)."""
+    return _refresh()[1]
+
+
+@functools.lru_cache(maxsize=256)
 def plain_address(host: str) -> Address:
     """An address from text, with any %scope dropped and IPv4-mapped IPv6 made IPv4 (cached)."""
     address = ipaddress.ip_address(host.partition("%")[0])
@@ -69,20 +73,18 @@ def is_local(address: Address) -> bool:
     return address.is_loopback or address.is_unspecified or address in local_addresses()
 
 
-_local_verdicts: dict[str, bool] = {}
-
-
 def is_local_host(host: str) -> bool:
-    """is_local for an address in text, remembered until the host's addresses are read again."""
-    local = local_addresses()  # first, so a refresh clears the verdicts before they are read
-    verdict = _local_verdicts.get(host)
-    if verdict is None:
-        address = plain_address(host)
-        verdict = address.is_loopback or address.is_unspecified or address in local
-        if len(_local_verdicts) > 4096:
-            _local_verdicts.clear()
-        _local_verdicts[host] = verdict
-    return verdict
+    """is_local for an address in text, without building an ipaddress object (the per-session path)."""
+    host = host.partition("%")[0]
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    if packed[:12] == _V4_MAPPED:
+        packed = packed[12:]
+    if len(packed) == 4 and packed[0] == 127:
+        return True
+    return packed in _NEVER_FAIR or packed in _refresh()[2]
 
 
 def linux_interface_addresses(name: str) -> list[str]:

@@ -60,8 +60,11 @@ class RelayEnd(asyncio.Protocol):
             return
         peer = self.peer
         if peer.lost:
-            if self.on_closed is not None:
-                self.on_closed()
+            on_closed = self.on_closed
+            for end in (self, peer):  # no reference cycles left behind
+                end.transport = end.peer = end.on_closed = None  # type: ignore[assignment]
+            if on_closed is not None:
+                on_closed()
         elif exc is not None:
             peer.transport.abort()
         else:

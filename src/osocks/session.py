@@ -271,9 +271,13 @@ class Session(asyncio.Protocol):
         if self.client_end is None:
             self.transport.close()
         self.server.session_finished(self)
+        # no reference cycles left behind: reference counting frees the session, no GC pass needed
+        self.transport = self.client_end = self.upstream_end = self.udp = None  # type: ignore[assignment]
 
     def abort(self, outcome: str) -> None:
         """Close at once (timeouts, shutdown): nothing left to flush matters."""
+        if self.state == CLOSED:
+            return
         self.outcome = self.outcome or outcome
         if self.client_end is not None and self.upstream_end is not None:
             relay.abort(self.client_end, self.upstream_end)
