@@ -12,10 +12,34 @@ import time
 import pytest
 
 from conftest import EchoServer, ServerThread, recv_exactly, socks_connect, wait_closed
+from osocks import splice
 from osocks.socks5 import ReplyCode
 
 
-def test_ten_megabytes_both_ways_at_once(osocks: ServerThread, echo: EchoServer) -> None:
+@pytest.fixture(params=["copy", "splice"])
+def relay_mode(request, monkeypatch) -> str:
+    """Every test here runs with the copying relay and with splice(2) from the first byte."""
+    if request.param == "splice":
+        monkeypatch.setattr(splice, "SPLICE_AFTER", 1)
+        monkeypatch.setattr(splice, "BIG_READ", 1)
+    return request.param
+
+
+@pytest.fixture
+def make_server(make_server, relay_mode):
+    def make(**options):
+        options.setdefault("splice", relay_mode == "splice")
+        return make_server(**options)
+
+    return make
+
+
+@pytest.fixture
+def osocks(make_server) -> ServerThread:
+    return make_server()
+
+
+def test_ten_megabytes_both_ways_at_once(osocks: ServerThread, echo: EchoServer, relay_mode: str) -> None:
     payload = os.urandom(10 * 1024 * 1024)
     sock, code, _, _ = socks_connect(osocks.port, "127.0.0.1", echo.port)
     assert code == ReplyCode.SUCCEEDED
@@ -38,6 +62,7 @@ def test_ten_megabytes_both_ways_at_once(osocks: ServerThread, echo: EchoServer)
     assert received.hexdigest() == hashlib.sha256(payload).hexdigest()
     status = osocks.wait_for(lambda s: s["sessions"]["live"] == 0)
     assert status["bytes"] == {"up": len(payload), "down": len(payload)}
+    assert status["spliced"] == (2 if relay_mode == "splice" else 0)
 
 
 def test_client_half_close_keeps_the_other_direction(make_server) -> None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from . import splice
+
 
 class RelayEnd(asyncio.Protocol):
-    __slots__ = ("transport", "peer", "received", "eof", "lost", "on_closed", "early")
+    __slots__ = ("transport", "peer", "received", "eof", "lost", "on_closed", "early", "splice_after", "splicer", "spliced")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -24,6 +26,9 @@ class RelayEnd(asyncio.Protocol):
         self.lost = False
         self.on_closed: Callable[[], None] | None = None
         self.early: list[bytes] | None = []  # what arrives before the relay starts
+        self.splice_after = 0  # switch this direction to splice(2) past this many bytes; 0: never
+        self.splicer: splice.Splicer | None = None
+        self.spliced = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -35,6 +40,8 @@ class RelayEnd(asyncio.Protocol):
             self.transport.pause_reading()
             return
         self.peer.transport.write(data)
+        if self.splice_after and self.received > self.splice_after and len(data) >= splice.BIG_READ:
+            self.spliced = splice.try_start(self)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -49,16 +56,22 @@ class RelayEnd(asyncio.Protocol):
         return True
 
     def pause_writing(self) -> None:
-        self.peer.transport.pause_reading()
+        if self.peer.splicer is None:
+            self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.peer.transport.resume_reading()
+        if self.peer.splicer is None:  # a spliced source is read by its splicer only
+            self.peer.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         if self.early is not None:
             return
         peer = self.peer
+        for end in (self, peer):
+            if end.splicer is not None:
+                end.splicer.close()
+                end.splicer = None
         if peer.lost:
             on_closed = self.on_closed
             for end in (self, peer):  # no reference cycles left behind
@@ -76,7 +89,12 @@ def link(client: RelayEnd, upstream: RelayEnd) -> None:
 
 
 def start(
-    client: RelayEnd, upstream: RelayEnd, client_transport: asyncio.Transport, early_data: bytes, client_eof: bool
+    client: RelayEnd,
+    upstream: RelayEnd,
+    client_transport: asyncio.Transport,
+    early_data: bytes,
+    client_eof: bool,
+    use_splice: bool = False,
 ) -> None:
     """Hand the client transport to the relay and let bytes flow.
 
@@ -84,6 +102,8 @@ def start(
     to the client now, after the SOCKS reply; likewise the client's early data.
     """
     client.early = None
+    if use_splice and splice.AVAILABLE:
+        client.splice_after = upstream.splice_after = splice.SPLICE_AFTER
     client.transport = client_transport
     client_transport.set_protocol(client)
     held, upstream.early = upstream.early or [], None

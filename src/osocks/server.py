@@ -32,7 +32,7 @@ class ListenError(Exception):
 class Counters:
     __slots__ = (
         "started", "total", "peak", "refused", "denied", "auth_failures", "replies",
-        "bytes_up", "bytes_down", "udp_associations", "udp_datagrams", "udp_bytes",
+        "bytes_up", "bytes_down", "udp_associations", "udp_datagrams", "udp_bytes", "spliced",
     )
 
     def __init__(self) -> None:
@@ -41,6 +41,7 @@ class Counters:
         self.replies = [0] * len(ReplyCode)
         self.bytes_up = self.bytes_down = 0  # of finished sessions; live ones are added in status()
         self.udp_associations = self.udp_datagrams = self.udp_bytes = 0
+        self.spliced = 0  # directions of finished sessions that moved to splice(2)
 
     def replied(self, code: ReplyCode) -> None:
         self.replies[code] += 1
@@ -136,6 +137,9 @@ class Server:
             return
         self.live.discard(session)
         up, down = session.bytes_moved()
+        for end in (session.client_end, session.upstream_end):
+            if end is not None and end.spliced:
+                self.counters.spliced += 1
         self.counters.bytes_up += up
         self.counters.bytes_down += down
         if log.isEnabledFor(logging.INFO):
@@ -220,6 +224,7 @@ class Server:
             "replies": {code.name.lower(): c.replies[code] for code in ReplyCode},
             "bytes": {"up": up, "down": down},
             "udp": {"associations": c.udp_associations, "datagrams": c.udp_datagrams, "bytes": c.udp_bytes},
+            "spliced": c.spliced,
             "settings": self.settings.public(),
         }
 

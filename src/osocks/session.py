@@ -232,7 +232,7 @@ class Session(asyncio.Protocol):
         self.state = RELAY
         self.active = time.monotonic()
         early, self.buffer = self.buffer, b""
-        relay.start(client, upstream, self.transport, early, self.client_eof)
+        relay.start(client, upstream, self.transport, early, self.client_eof, self.settings.splice)
 
     def start_udp(self, host: str, port: int) -> None:
         """UDP ASSOCIATE is set up: reply; the control connection now only keeps it alive."""
