@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
     from .relay import RelayEnd
 
 AVAILABLE = hasattr(os, "splice")
-CHUNK = 1 << 16
+PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: fewer, larger splices (kernel memory, only while in use)
+CHUNK = PIPE_SIZE
 SPLICE_AFTER = 1 << 20  # bytes a direction carries before it is worth a pipe
 BIG_READ = 1 << 15  # ...in reads at least this large (a bulk transfer, not chatter)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -45,6 +47,10 @@ class Splicer:
             os.close(self.src)
             raise
         self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.pipe_w, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+        except OSError:
+            pass  # the default 64 KiB then
         self.pending = 0  # bytes in the pipe
         self.source_done = False
         self.watching = ""  # "read" (the source) or "write" (the destination)
