@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 class ServerThread:
     """A Server on its own event loop in a background thread."""
 
-    def __init__(self, settings: Settings, resolver: Any = system_resolver, loop_factory: Callable = uvloop.new_event_loop):
+    def __init__(
+        self, settings: Settings, resolver: Any = system_resolver, loop_factory: Callable = uvloop.new_event_loop
+    ):
         self.loop = loop_factory()
         self.server = Server(settings, resolver)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -79,7 +81,9 @@ class ServerThread:
 def make_server() -> Iterator[Callable[..., ServerThread]]:
     started: list[ServerThread] = []
 
-    def make(resolver: Any = system_resolver, loop_factory: Callable = uvloop.new_event_loop, **options: Any) -> ServerThread:
+    def make(
+        resolver: Any = system_resolver, loop_factory: Callable = uvloop.new_event_loop, **options: Any
+    ) -> ServerThread:
         options.setdefault("listen", ("127.0.0.1",))
         options.setdefault("port", 0)
         options.setdefault("allow_local", True)
@@ -266,7 +270,10 @@ class OsocksProcess:
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "osocks", "--no-uci", *args],
-            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
         )
         self.lines: list[str] = []
         self.port = int(args[args.index("-p") + 1]) if "-p" in args else 1080

@@ -43,7 +43,9 @@ def test_good_password_then_connect(secured: ServerThread, echo: EchoServer, use
     sock.close()
 
 
-@pytest.mark.parametrize(("user", "password"), [(b"alice", b"wrong"), (b"carol", b"wonderland"), (b"bob", b""), (b"", b"")])
+@pytest.mark.parametrize(
+    ("user", "password"), [(b"alice", b"wrong"), (b"carol", b"wonderland"), (b"bob", b""), (b"", b"")]
+)
 def test_bad_password_fails_closes_and_counts(secured: ServerThread, user: bytes, password: bytes, caplog) -> None:
     sock, answer = login(secured.port, b"\x02", user, password)
     assert answer == b"\x01\x01"
@@ -51,7 +53,9 @@ def test_bad_password_fails_closes_and_counts(secured: ServerThread, user: bytes
     sock.close()
     status = secured.wait_for(lambda s: s["auth_failures"] == 1)
     assert status["sessions"]["live"] == 0
-    assert any("authentication failed" in r.getMessage() and repr(user.decode()) in r.getMessage() for r in caplog.records)
+    assert any(
+        "authentication failed" in r.getMessage() and repr(user.decode()) in r.getMessage() for r in caplog.records
+    )
 
 
 def test_username_password_not_offered_gets_no_acceptable(secured: ServerThread) -> None:
@@ -70,8 +74,12 @@ def test_long_names_and_pipelined_auth(make_server, echo: EchoServer) -> None:
     long_user, long_password = "u" * 255, "p" * 255
     server = make_server(users=(User(long_user, long_password),))
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(socks5.encode_greeting(b"\x02") + socks5.encode_credentials(long_user.encode(), long_password.encode())
-                     + socks5.encode_request(1, "127.0.0.1", echo.port) + b"x")
+        sock.sendall(
+            socks5.encode_greeting(b"\x02")
+            + socks5.encode_credentials(long_user.encode(), long_password.encode())
+            + socks5.encode_request(1, "127.0.0.1", echo.port)
+            + b"x"
+        )
         assert recv_exactly(sock, 4) == b"\x05\x02\x01\x00"
         assert recv_exactly(sock, 10)[1] == ReplyCode.SUCCEEDED
         assert recv_exactly(sock, 1) == b"x"
@@ -119,7 +127,9 @@ def test_user_file(tmp_path) -> None:
 def test_hash_command(tmp_path) -> None:
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "osocks.auth", "carol"], input="pw\n", capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "osocks.auth", "carol"], input="pw\n", capture_output=True, text=True, timeout=30
+    )
     name, _, secret = out.stdout.strip().partition(":")
     assert name == "carol" and auth.check_secret(secret, b"pw")
 
@@ -136,9 +146,15 @@ def test_python_socks_with_password(secured: ServerThread, http_server: HttpServ
 def test_curl_proxy_user(make_server, http_server: HttpServer) -> None:
     server = make_server(users=USERS)
     url = f"http://127.0.0.1:{http_server.port}/hello"
-    ok = subprocess.run(["curl", "-sSf", "--socks5", f"127.0.0.1:{server.port}", "--proxy-user", "bob:builder", url],
-                        capture_output=True, timeout=30)
+    ok = subprocess.run(
+        ["curl", "-sSf", "--socks5", f"127.0.0.1:{server.port}", "--proxy-user", "bob:builder", url],
+        capture_output=True,
+        timeout=30,
+    )
     assert ok.stdout == b"hello\n"
-    bad = subprocess.run(["curl", "-sS", "--socks5", f"127.0.0.1:{server.port}", "--proxy-user", "bob:nope", url],
-                         capture_output=True, timeout=30)
+    bad = subprocess.run(
+        ["curl", "-sS", "--socks5", f"127.0.0.1:{server.port}", "--proxy-user", "bob:nope", url],
+        capture_output=True,
+        timeout=30,
+    )
     assert bad.returncode != 0

@@ -23,6 +23,14 @@ MEASURED_ROWS = (
     "idle PSS MB",
     "KB per held session (PSS)",
 )
+FAIRNESS_ROWS = (  # scenario (e), run when curl is installed
+    "ping-pong p50 µs alone",
+    "ping-pong p99 µs alone",
+    "ping-pong p50 µs under load",
+    "ping-pong p99 µs under load",
+    "bulk MB/s total under load",
+    "slowest stream, % of mean",
+)
 NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 pytestmark = pytest.mark.skipif(
@@ -53,6 +61,8 @@ def test_smoke_run_measures_osocks(tmp_path: Path) -> None:
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
     osocks = table_column(finished.stdout, "osocks")
-    for row in MEASURED_ROWS:
+    with_curl = shutil.which("/usr/bin/curl") is not None  # bench/services.py CURL
+    for row in MEASURED_ROWS + (FAIRNESS_ROWS if with_curl else ()):
         assert NUMBER.fullmatch(osocks[row]), f"{row}: {osocks[row]}"
-    assert set(json.loads(results.read_text())["servers"]["osocks"]) >= {"bulk", "sessions", "memory"}
+    scenarios = {"bulk", "sessions", "memory"} | ({"fairness"} if with_curl else set())
+    assert set(json.loads(results.read_text())["servers"]["osocks"]) >= scenarios

@@ -17,8 +17,9 @@ from osocks.socks5 import ReplyCode
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "osocks", "--no-uci", *args],
-                          capture_output=True, text=True, timeout=20, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "osocks", "--no-uci", *args], capture_output=True, text=True, timeout=20, cwd=ROOT
+    )
 
 
 def test_defaults_are_the_synopsis() -> None:
@@ -29,7 +30,29 @@ def test_defaults_are_the_synopsis() -> None:
 
 
 def test_flags_map_to_settings() -> None:
-    s = cli.parse("-l 127.0.0.1 -l ::1 -p 1081 -n 5 -T 250 -I 1500 --handshake-timeout 700 -4 -s -vv -w 2".split()).settings()
+    s = cli.parse(
+        [
+            "-l",
+            "127.0.0.1",
+            "-l",
+            "::1",
+            "-p",
+            "1081",
+            "-n",
+            "5",
+            "-T",
+            "250",
+            "-I",
+            "1500",
+            "--handshake-timeout",
+            "700",
+            "-4",
+            "-s",
+            "-vv",
+            "-w",
+            "2",
+        ]
+    ).settings()
     assert s.listen == ("127.0.0.1", "::1") and s.port == 1081 and s.max_sessions == 5
     assert (s.connect_timeout, s.idle_timeout, s.handshake_timeout) == (0.25, 1.5, 0.7)
     assert s.family == "ipv4" and s.syslog and s.verbosity == 2 and s.workers == 2

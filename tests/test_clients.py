@@ -17,7 +17,9 @@ pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is no
 
 
 @pytest.mark.parametrize("mode", ["--socks5-hostname", "--socks5"])
-def test_curl_downloads_and_uploads_ten_megabytes(osocks: ServerThread, http_server: HttpServer, tmp_path, mode: str) -> None:
+def test_curl_downloads_and_uploads_ten_megabytes(
+    osocks: ServerThread, http_server: HttpServer, tmp_path, mode: str
+) -> None:
     proxy = f"127.0.0.1:{osocks.port}"
     url = f"http://localhost:{http_server.port}/10M"
     out = tmp_path / "down"
@@ -28,9 +30,20 @@ def test_curl_downloads_and_uploads_ten_megabytes(osocks: ServerThread, http_ser
     data = os.urandom(10 * 1024 * 1024)
     upload.write_bytes(data)
     answer = subprocess.run(
-        ["curl", "-sSf", mode, proxy, "--data-binary", f"@{upload}", "-H", "Expect:",
-         f"http://localhost:{http_server.port}/upload"],
-        check=True, timeout=60, capture_output=True,
+        [
+            "curl",
+            "-sSf",
+            mode,
+            proxy,
+            "--data-binary",
+            f"@{upload}",
+            "-H",
+            "Expect:",
+            f"http://localhost:{http_server.port}/upload",
+        ],
+        check=True,
+        timeout=60,
+        capture_output=True,
     )
     assert answer.stdout.decode() == hashlib.sha256(data).hexdigest()
 

@@ -32,7 +32,9 @@ def test_connect_ipv4_relays_and_reports_bound_address(osocks: ServerThread, ech
     assert status["bytes"] == {"up": 4, "down": 4}
 
 
-def test_connect_ipv6(make_server, ) -> None:
+def test_connect_ipv6(
+    make_server,
+) -> None:
     server = make_server(listen=("::1",))
     echo6 = EchoServer("::1")
     try:
@@ -195,7 +197,9 @@ def test_bad_requests_get_a_reply_and_close(osocks: ServerThread, request_bytes:
         assert wait_closed(sock) == b""
 
 
-@pytest.mark.parametrize("data", [b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00", b"GET / HTTP/1.0\r\n\r\n", b"\x05\x01\x00\x04"])
+@pytest.mark.parametrize(
+    "data", [b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00", b"GET / HTTP/1.0\r\n\r\n", b"\x05\x01\x00\x04"]
+)
 def test_wrong_version_is_closed_cleanly(osocks: ServerThread, data: bytes) -> None:
     with socket.create_connection(("127.0.0.1", osocks.port), timeout=5) as sock:
         sock.sendall(data)

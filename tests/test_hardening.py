@@ -31,8 +31,8 @@ from typing import Any
 
 import pytest
 import uvloop
-from conftest import ROOT, EchoServer, OsocksProcess, ServerThread, free_port, recv_exactly, socks_connect, wait_closed
 
+from conftest import ROOT, EchoServer, OsocksProcess, ServerThread, free_port, recv_exactly, socks_connect, wait_closed
 from osocks import socks5
 from osocks.rules import parse_rule
 from osocks.settings import User
@@ -151,8 +151,9 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
-def start_osocks(run_osocks: Callable[..., OsocksProcess], *args: str, env: dict[str, str] | None = None,
-                 nofile: int | None = None) -> OsocksProcess:
+def start_osocks(
+    run_osocks: Callable[..., OsocksProcess], *args: str, env: dict[str, str] | None = None, nofile: int | None = None
+) -> OsocksProcess:
     """osocks as a real process on a free port, its fd limit set to `nofile` (soft and hard)."""
     server: OsocksProcess = run_osocks("-l", "127.0.0.1", "-p", str(free_port()), "--allow-local", *args, env=env)
     if nofile is not None:
@@ -451,8 +452,9 @@ def problems() -> Iterator[Problems]:
         logger.propagate = propagate
 
 
-def fuzz_server(make_server: Callable[..., ServerThread], problems: Problems, echo_port: int,
-                **options: Any) -> ServerThread:
+def fuzz_server(
+    make_server: Callable[..., ServerThread], problems: Problems, echo_port: int, **options: Any
+) -> ServerThread:
     async def resolver(host: str, port: int, family: int) -> list[tuple[int, tuple]]:
         if host == ECHO_NAME:
             return [(socket.AF_INET, ("127.0.0.1", port))]
@@ -464,8 +466,16 @@ def fuzz_server(make_server: Callable[..., ServerThread], problems: Problems, ec
         return loop
 
     rules = (parse_rule(f"allow 127.0.0.1 port {echo_port}"), parse_rule("deny all"))  # nowhere else
-    return make_server(resolver=resolver, loop_factory=new_loop, handshake_timeout=1.0, connect_timeout=1.0,
-                       bind_timeout=0.5, idle_timeout=2.0, dest_rules=rules, **options)
+    return make_server(
+        resolver=resolver,
+        loop_factory=new_loop,
+        handshake_timeout=1.0,
+        connect_timeout=1.0,
+        bind_timeout=0.5,
+        idle_timeout=2.0,
+        dest_rules=rules,
+        **options,
+    )
 
 
 def never_awaited(recorded: pytest.WarningsRecorder) -> list[str]:
@@ -482,8 +492,10 @@ def settle(servers: list[ServerThread]) -> None:
 def test_fuzzed_handshakes(make_server, echo: EchoServer, problems: Problems, recwarn, nofile) -> None:
     """SLOW (~7 s): two rounds of malformed handshakes; nothing escapes, nothing stays, nothing grows."""
     nofile(4096)
-    servers = [fuzz_server(make_server, problems, echo.port),
-               fuzz_server(make_server, problems, echo.port, users=(User("user", "pass"),))]
+    servers = [
+        fuzz_server(make_server, problems, echo.port),
+        fuzz_server(make_server, problems, echo.port, users=(User("user", "pass"),)),
+    ]
     ports = (servers[0].port, servers[1].port)
     rng = random.Random(SEED)
     assert asyncio.run(fuzz_round(rng, ports, echo.port)) > FUZZ_ROUND // 2
@@ -552,8 +564,9 @@ uvloop.run(main())
 @pytest.fixture
 def echo_process() -> Iterator[int]:
     """An asyncio echo server in a process of its own (its fds do not count against ours); yields its port."""
-    proc = subprocess.Popen([sys.executable, "-c", ECHO_PROCESS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ECHO_PROCESS], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         yield int(proc.stdout.readline())  # type: ignore[union-attr]
     finally:

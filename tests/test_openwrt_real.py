@@ -54,7 +54,9 @@ def ubusd(tmp_path: Path):
 
 
 def ubus_call(sock: str, method: str) -> dict:
-    out = subprocess.run(["ubus", "-s", sock, "-t", "10", "call", "osocks", method], capture_output=True, text=True, timeout=20)
+    out = subprocess.run(
+        ["ubus", "-s", sock, "-t", "10", "call", "osocks", method], capture_output=True, text=True, timeout=20
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -63,7 +65,9 @@ class Osocks:
     def __init__(self, confdir: Path, sock: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "osocks", "--uci", "osocks", "--uci-dir", str(confdir), "--ubus-socket", sock],
-            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.sock = sock
         deadline = time.monotonic() + 10

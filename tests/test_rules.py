@@ -17,7 +17,10 @@ ip = ipaddress.ip_address
 
 
 def test_syntax_and_first_match_wins() -> None:
-    rules = tuple(parse_rule(t) for t in ["allow 10.1.0.0/16", "deny 10.0.0.0/8 port 1-1023,3306", "deny all port 25", "allow ::1"])
+    rules = tuple(
+        parse_rule(t)
+        for t in ["allow 10.1.0.0/16", "deny 10.0.0.0/8 port 1-1023,3306", "deny all port 25", "allow ::1"]
+    )
     assert allowed(rules, ip("10.1.2.3"), 22)
     assert not allowed(rules, ip("10.2.2.3"), 22)
     assert not allowed(rules, ip("10.2.2.3"), 3306)
@@ -28,8 +31,19 @@ def test_syntax_and_first_match_wins() -> None:
     assert str(rules[1]) == "deny 10.0.0.0/8 port 1-1023,3306"
 
 
-@pytest.mark.parametrize("text", ["permit all", "allow", "allow 10.0.0.0/33", "deny all ports 25", "deny all port 0",
-                                  "deny all port 80-20", "allow all port x", "allow nonsense"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "permit all",
+        "allow",
+        "allow 10.0.0.0/33",
+        "deny all ports 25",
+        "deny all port 0",
+        "deny all port 80-20",
+        "allow all port x",
+        "allow nonsense",
+    ],
+)
 def test_bad_rules_are_named(text: str) -> None:
     with pytest.raises(SettingsError, match="--dest-rule"):
         parse_rules("--dest-rule", [text])

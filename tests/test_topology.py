@@ -10,8 +10,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-import netns
 import pytest
+
+import netns
 from conftest import read_reply, recv_exactly, wait_closed
 from netns import (
     CLIENT4,
@@ -34,7 +35,6 @@ from netns import (
     OsocksInNamespace,
     Topology,
 )
-
 from osocks import socks5
 from osocks.socks5 import Command, ReplyCode
 

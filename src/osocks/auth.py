@@ -13,13 +13,8 @@ import hmac
 import os
 import sys
 from collections.abc import Iterable
-from typing import Protocol
 
-
-class HasSecret(Protocol):
-    name: str
-    secret: str
-
+from .settings import User
 
 _PROCESS_KEY = os.urandom(32)
 _verified: set[bytes] = set()  # keyed digests of (user, password, secret) already checked against a hash
@@ -67,7 +62,7 @@ def check_secret(secret: str, password: bytes) -> bool:
     return True
 
 
-def quick_check(users: Iterable[HasSecret], username: bytes, password: bytes) -> bool | None:
+def quick_check(users: Iterable[User], username: bytes, password: bytes) -> bool | None:
     """The verdict when it needs no hashing (clear text, or a hash already verified); else None."""
     found = False
     for user in users:
@@ -82,7 +77,7 @@ def quick_check(users: Iterable[HasSecret], username: bytes, password: bytes) ->
     return found
 
 
-def check_password(users: Iterable[HasSecret], username: bytes, password: bytes) -> bool:
+def check_password(users: Iterable[User], username: bytes, password: bytes) -> bool:
     """True when a configured user has this name and password; compares in constant time."""
     found = False
     for user in users:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import socket
@@ -44,10 +45,8 @@ def _refresh() -> tuple[float, frozenset[Address], frozenset[bytes]]:
     if now - _cache[0] >= _CACHE_SECONDS:
         found: set[Address] = set()
         for read in (_ipv4_local, _ipv6_local):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 found |= read()
-            except (OSError, ValueError):
-                pass
         _cache = (now, frozenset(found), frozenset(address.packed for address in found))
     return _cache
 

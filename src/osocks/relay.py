@@ -16,7 +16,18 @@ from . import splice
 
 
 class RelayEnd(asyncio.Protocol):
-    __slots__ = ("transport", "peer", "received", "eof", "lost", "on_closed", "early", "splice_after", "splicer", "spliced")
+    __slots__ = (
+        "transport",
+        "peer",
+        "received",
+        "eof",
+        "lost",
+        "on_closed",
+        "early",
+        "splice_after",
+        "splicer",
+        "spliced",
+    )
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport = None  # type: ignore[assignment]

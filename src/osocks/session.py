@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 from . import auth, relay, socks5
 from .bind import bind
-from .rules import allowed
 from .socks5 import Command, Method, ProtocolError, ReplyCode
 from .udp import Association, associate
 
@@ -31,9 +30,25 @@ MAX_EARLY_DATA = 64 * 1024  # client bytes held while the command runs
 
 class Session(asyncio.Protocol):
     __slots__ = (
-        "server", "settings", "transport", "state", "buffer", "client", "local", "target",
-        "started", "active", "seen_bytes", "outcome", "client_end", "upstream_end",
-        "task", "user", "udp", "client_eof", "command",
+        "server",
+        "settings",
+        "transport",
+        "state",
+        "buffer",
+        "client",
+        "local",
+        "target",
+        "started",
+        "active",
+        "seen_bytes",
+        "outcome",
+        "client_end",
+        "upstream_end",
+        "task",
+        "user",
+        "udp",
+        "client_eof",
+        "command",
     )
 
     def __init__(self, server: Server) -> None:
@@ -64,7 +79,7 @@ class Session(asyncio.Protocol):
         self.local = transport.get_extra_info("sockname") or ("?", 0)
         if not self.server.admit(self):
             self.state = CLOSED
-            transport.abort()
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.state >= RELAY:  # a UDP control connection carries nothing more

@@ -18,6 +18,7 @@ pipe is empty; an error aborts both sides.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import os
@@ -47,10 +48,8 @@ class Splicer:
             os.close(self.src)
             raise
         self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
+        with contextlib.suppress(OSError):  # else the default 64 KiB
             fcntl.fcntl(self.pipe_w, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
-        except OSError:
-            pass  # the default 64 KiB then
         self.pending = 0  # bytes in the pipe
         self.source_done = False
         self.watching = ""  # "read" (the source) or "write" (the destination)

@@ -99,8 +99,17 @@ class _OutboundSide(asyncio.DatagramProtocol):
 
 class Association:
     __slots__ = (
-        "session", "client_ip", "client_port", "client_side", "outbound", "peers", "names",
-        "reassembly", "up", "down", "closed",
+        "session",
+        "client_ip",
+        "client_port",
+        "client_side",
+        "outbound",
+        "peers",
+        "names",
+        "reassembly",
+        "up",
+        "down",
+        "closed",
     )
 
     def __init__(self, session: Session, client_port: int) -> None:
@@ -216,7 +225,9 @@ class Association:
         source = str(_plain(addr[0]))
         if (source, addr[1]) not in self.peers:
             return
-        self.client_side.sendto(socks5.encode_udp_header(source, addr[1]) + data, (str(self.session.client[0]), self.client_port))
+        self.client_side.sendto(
+            socks5.encode_udp_header(source, addr[1]) + data, (str(self.session.client[0]), self.client_port)
+        )
         self.down += len(data)
         counters = self.session.server.counters
         counters.udp_datagrams += 1
