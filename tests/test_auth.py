@@ -158,3 +158,21 @@ def test_curl_proxy_user(make_server, http_server: HttpServer) -> None:
         timeout=30,
     )
     assert bad.returncode != 0
+
+
+def test_pysocks_with_password(secured: ServerThread, http_server: HttpServer) -> None:
+    import socks  # PySocks
+
+    sock = socks.socksocket()
+    sock.set_proxy(socks.SOCKS5, "127.0.0.1", secured.port, username="bob", password="builder")
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", http_server.port))
+    with sock:
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert wait_closed(sock).endswith(b"hello\n")
+    bad = socks.socksocket()
+    bad.set_proxy(socks.SOCKS5, "127.0.0.1", secured.port, username="bob", password="nope")
+    bad.settimeout(10)
+    with pytest.raises(socks.GeneralProxyError):
+        bad.connect(("127.0.0.1", http_server.port))
+    bad.close()

@@ -155,3 +155,13 @@ def test_quiet_drops_session_lines(run_osocks, echo: EchoServer) -> None:
     sock.close()
     assert server.stop() == 0
     assert not any("->" in line for line in server.lines)
+
+
+def test_interface_without_netifd_uses_the_kernel_device(run_osocks) -> None:
+    """Off OpenWrt, -i names a Linux device: osocks listens on its addresses."""
+    port = free_port()
+    server = run_osocks("-i", "lo", "-p", str(port))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"\x05\x01\x00")
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+    assert server.proc.poll() is None

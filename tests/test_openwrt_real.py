@@ -160,3 +160,63 @@ def test_uci_read_with_real_libuci(tmp_path: Path) -> None:
     settings = uci.load("osocks", confdir=str(tmp_path))
     assert settings.port == 1081 and settings.max_sessions == 3 and settings.allow_local
     assert [u.name for u in settings.users] == ["alice"] and str(settings.dest_rules[0]) == "deny all port 25"
+
+
+def listeners_become(sock: str, expected: list[str], timeout: float = 5) -> bool:
+    """netifd is asked right after the reload is answered: the listeners follow a moment later."""
+    deadline = time.monotonic() + timeout
+    while ubus_call(sock, "status")["listeners"] != expected:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+FAKE_NETIFD = """
+import json, sys, ubus
+ubus.connect(socket_path=sys.argv[1])
+def status(handler, data):
+    with open(sys.argv[2]) as f:
+        handler.reply(json.load(f))
+ubus.add("network.interface.lan", {"status": {"method": status, "signature": {}}})
+while True:
+    ubus.loop(200)
+"""
+
+
+def test_listens_on_the_lan_interface_and_follows_it(tmp_path: Path, ubusd: str) -> None:
+    """netifd's answer (here from a stand-in object on the real ubusd) decides the listeners."""
+    lan = tmp_path / "lan.json"
+    lan.write_text(json.dumps({"up": True, "ipv4-address": [{"address": "127.0.0.1", "mask": 8}]}))
+    netifd = subprocess.Popen([sys.executable, "-c", FAKE_NETIFD, ubusd, str(lan)])
+    try:
+        deadline = time.monotonic() + 5
+        while subprocess.run(["ubus", "-s", ubusd, "list", "network.interface.lan"], capture_output=True).returncode:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        confdir = tmp_path / "config"
+        confdir.mkdir()
+        port = free_port()
+        (confdir / "osocks").write_text(f"config osocks 'main'\n\tlist interface 'lan'\n\toption port '{port}'\n")
+        server = Osocks(confdir, ubusd)
+        try:
+            deadline = time.monotonic() + 5  # the object is published before the listeners open
+            while not (status := ubus_call(ubusd, "status"))["listeners"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert status["listeners"] == [f"127.0.0.1:{port}"]
+            assert status["interfaces"] == {"lan": ["127.0.0.1"]}
+
+            lan.write_text(json.dumps({"up": True, "ipv4-address": [{"address": "127.0.0.3", "mask": 8}]}))
+            ubus_call(ubusd, "reload")  # as procd's interface trigger does
+            assert listeners_become(ubusd, [f"127.0.0.3:{port}"])
+            socket.create_connection(("127.0.0.3", port), timeout=5).close()
+
+            lan.write_text(json.dumps({"up": False}))
+            ubus_call(ubusd, "reload")
+            assert listeners_become(ubusd, [])
+            assert server.proc.poll() is None  # an interface going down does not stop osocks
+        finally:
+            assert server.stop() == 0
+    finally:
+        netifd.kill()  # libubox's loop swallows SIGTERM in a process without a handler of its own
+        netifd.wait(5)

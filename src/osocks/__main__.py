@@ -65,16 +65,29 @@ async def serve(command: cli.Command, settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):  # before ubus starts: libubox would take SIGTERM
         loop.add_signal_handler(signum, server.close)
 
-    async def reload() -> dict:
+    async def reload(ask_netifd: bool = True) -> dict:
+        """Re-read the settings and apply them; on error keep the running ones."""
         try:
             new = load_settings(command)
-            addresses = await interfaces(new)
+            if ask_netifd:
+                addresses = await interfaces(new)
+            else:  # answering over ubus: netifd can be asked only once that answer is sent
+                addresses = {name: server.interface_addresses.get(name, []) for name in new.interfaces}
+                loop.create_task(follow_interfaces())
             return await server.reload(new, addresses)
         except (SettingsError, ListenError, OSError) as e:
             log.error("reload failed, keeping the running config: %s", e)
             return {"error": str(e)}
 
-    bridge = _start_ubus(server, reload, loop, command.ubus_socket)
+    async def follow_interfaces() -> None:
+        addresses = await interfaces(server.settings)
+        if addresses != server.interface_addresses:
+            try:
+                await server.reload(server.settings, addresses)
+            except ListenError as e:
+                log.error("interfaces changed, but: %s", e)
+
+    bridge = _start_ubus(server, lambda: reload(ask_netifd=False), loop, command.ubus_socket)
 
     async def interfaces(settings: Settings) -> dict[str, list[str]]:
         """The addresses of the configured interfaces: from netifd over ubus, else from the kernel."""
