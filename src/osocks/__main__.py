@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 import logging
-import logging.handlers
 import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from . import __version__, cli, netinfo, ubus
+from . import __version__, cli, netinfo
 from .server import ListenError, Server
+from .session import _endpoint
 from .settings import DEFAULTS, Settings, SettingsError
+
+if TYPE_CHECKING:
+    from .ubus import UbusBridge
+    from .workers import Master
 
 log = logging.getLogger("osocks")
 
@@ -40,7 +47,9 @@ def setup_logging(settings: Settings) -> None:
     )
     handler: logging.Handler
     if settings.syslog:
-        handler = logging.handlers.SysLogHandler("/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        from logging.handlers import SysLogHandler  # only here: memory other runs need not pay
+
+        handler = SysLogHandler("/dev/log", facility=SysLogHandler.LOG_DAEMON)
         handler.setFormatter(logging.Formatter("osocks[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -59,11 +68,27 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+async def log_status(server: Server | Master) -> None:
+    """SIGUSR1: the status as one JSON line, whatever the verbosity."""
+    status = server.status()
+    if inspect.isawaitable(status):
+        status = await status
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "status %s", (json.dumps(status),), None))
+
+
 async def serve(command: cli.Command, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
-    server = Server(settings)
+    server: Server | Master
+    count = settings.workers or os.cpu_count() or 1
+    if count == 1:
+        server = Server(settings)
+    else:
+        from .workers import Master  # noqa: F811 - only where there are workers
+
+        server = Master(settings, count)
     for signum in (signal.SIGTERM, signal.SIGINT):  # before ubus starts: libubox would take SIGTERM
         loop.add_signal_handler(signum, server.close)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(log_status(server)))
 
     async def reload(ask_netifd: bool = True) -> dict:
         """Re-read the settings and apply them; on error keep the running ones."""
@@ -109,7 +134,8 @@ async def serve(command: cli.Command, settings: Settings) -> None:
     try:
         await server.start(await interfaces(settings))
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
-        log.info("osocks %s listening on %s", __version__, ", ".join(server.status()["listeners"]) or "nothing yet")
+        listeners = ", ".join(_endpoint(address) for address in server.bound_addresses())
+        log.info("osocks %s listening on %s", __version__, listeners or "nothing yet")
         await server.closed.wait()
     finally:
         server.close()
@@ -119,12 +145,14 @@ async def serve(command: cli.Command, settings: Settings) -> None:
 
 
 def _start_ubus(
-    server: Server, reload: Callable, loop: asyncio.AbstractEventLoop, socket_path: str | None
-) -> ubus.UbusBridge | None:
-    if not ubus.available():
-        return None
+    server: Server | Master, reload: Callable, loop: asyncio.AbstractEventLoop, socket_path: str | None
+) -> UbusBridge | None:
     if socket_path is None and not any(os.path.exists(path) for path in UBUS_SOCKETS):
         log.debug("ubus: no ubusd socket; status is not published")
+        return None
+    from . import ubus  # only where there is a ubusd to talk to
+
+    if not ubus.available():
         return None
     bridge = ubus.UbusBridge(
         status=server.status, sessions=server.sessions, reload=reload, loop=loop, socket_path=socket_path
