@@ -46,7 +46,7 @@ async def bind(session: Session, request: socks5.Request) -> None:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(settings.connect_timeout):
         expected = _expected_peers(await server.resolve(request.host, request.port or 1))
-    announced = settings.external_address or session.local[0]
+    announced = settings.external_address or session.local_host()
     listener = _listening_socket(announced)
     try:
         port = listener.getsockname()[1]

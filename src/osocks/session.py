@@ -36,7 +36,6 @@ class Session(asyncio.Protocol):
         "state",
         "buffer",
         "client",
-        "local",
         "target",
         "started",
         "active",
@@ -58,7 +57,6 @@ class Session(asyncio.Protocol):
         self.state = GREETING
         self.buffer = b""
         self.client: tuple = ("?", 0)
-        self.local: tuple = ("?", 0)
         self.target = ""
         self.started = self.active = time.monotonic()
         self.seen_bytes = 0
@@ -76,7 +74,6 @@ class Session(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.client = transport.get_extra_info("peername") or ("?", 0)
-        self.local = transport.get_extra_info("sockname") or ("?", 0)
         if not self.server.admit(self):
             self.state = CLOSED
             self.transport.abort()
@@ -258,6 +255,10 @@ class Session(asyncio.Protocol):
         self.server.counters.replied(ReplyCode.SUCCEEDED)
         self.state = RELAY
         self.buffer = b""
+
+    def local_host(self) -> str:
+        """The address the client reached us on (asked only by BIND and UDP ASSOCIATE)."""
+        return str(self.transport.get_extra_info("sockname")[0])
 
     def _relay_closed(self) -> None:
         self.finish(self.outcome or "closed")

@@ -246,7 +246,7 @@ async def associate(session: Session, request: socks5.Request) -> None:
     association = Association(session, request.port)
     session.udp = association
     try:
-        host, port = await association.open(session.local[0])
+        host, port = await association.open(session.local_host())
     except OSError:
         session.udp = None
         association.close()
