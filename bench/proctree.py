@@ -1,4 +1,4 @@
-"""CPU time and memory of a process and all its descendants, read from /proc."""
+"""CPU time and memory of a process and all its descendants, and bytes a process wrote, read from /proc."""
 
 from __future__ import annotations
 
@@ -91,3 +91,16 @@ def tree_memory(root_pid: int) -> Memory:
         rss_kib=sum(m.rss_kib for m in readings),
         pss_kib=sum(m.pss_kib for m in readings),
     )
+
+
+def bytes_written(pid: int) -> int:
+    """Bytes the process has passed to write(2) and the like so far ("wchar" in /proc/PID/io).
+
+    Bytes read from a socket with recv(2) are not in "rchar", so a downloader
+    writing what it receives to /dev/null is counted by what it writes.
+    """
+    for line in (PROC / str(pid) / "io").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == "wchar":
+            return int(value)
+    raise LookupError(f"no wchar in /proc/{pid}/io")

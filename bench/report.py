@@ -42,6 +42,12 @@ ROWS = (
     Row("KB per held session (PSS)", "memory", "kb_per_session", 1),
     Row("privoxy+ab req/s", "privoxy_ab", "requests_per_s", 0),
     Row("CPU µs per ab request", "privoxy_ab", "cpu_us_per_request", 0),
+    Row("ping-pong p50 µs alone", "fairness", "p50_us_alone", 0),
+    Row("ping-pong p99 µs alone", "fairness", "p99_us_alone", 0),
+    Row("ping-pong p50 µs under load", "fairness", "p50_us_loaded", 0),
+    Row("ping-pong p99 µs under load", "fairness", "p99_us_loaded", 0),
+    Row("bulk MB/s total under load", "fairness", "bulk_mb_per_s", 0),
+    Row("slowest stream, % of mean", "fairness", "slowest_stream_percent", 0),
 )
 
 

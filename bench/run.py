@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark osocks against microsocks and Dante: throughput, per-session CPU, memory.
+"""Benchmark osocks against microsocks and Dante: throughput, per-session CPU, memory, fairness.
 
     python3 bench/run.py            # full run, every installed server
     python3 bench/run.py --smoke    # a few seconds, for CI
@@ -48,6 +48,7 @@ SCENARIOS = (
     Scenario("b", "sessions", scenarios.new_sessions),
     Scenario("c", "memory", scenarios.memory),
     Scenario("d", "privoxy_ab", scenarios.privoxy_ab),
+    Scenario("e", "fairness", scenarios.fairness),
 )
 
 
@@ -56,7 +57,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny run (< 30 s per server) for CI")
     parser.add_argument("--servers", default=",".join(SERVER_NAMES), help="comma-separated, from: %(default)s")
     parser.add_argument(
-        "--only", default="a,b,c,d", help="scenarios: a bulk download, b new sessions, c memory, d privoxy+ab"
+        "--only",
+        default="a,b,c,d,e",
+        help="scenarios: a bulk download, b new sessions, c memory, d privoxy+ab, e fairness",
     )
     parser.add_argument(
         "--osocks-args",
@@ -137,6 +140,8 @@ def measure(
 
 
 def skip_reason(scenario: Scenario, smoke: bool) -> str | None:
+    if scenario.key == "fairness":
+        return scenarios.fairness_missing()
     if scenario.key != "privoxy_ab":
         return None
     if smoke:

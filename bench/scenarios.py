@@ -1,4 +1,4 @@
-"""The four measurements, each against one running SOCKS server.
+"""The five measurements, each against one running SOCKS server.
 
 A scenario returns its figures as a dict of named floats, or raises
 ScenarioError (or anything else) to put "error: ..." in its cells.
@@ -7,8 +7,10 @@ ScenarioError (or anything else) to put "error: ..." in its cells.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import time
@@ -17,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from proctree import tree_cpu_seconds, tree_memory
-from services import PRIVOXY, privoxy
-from socks5 import Endpoint, HttpOverSocks, download, http_get, open_http_session
+from proctree import bytes_written, tree_cpu_seconds, tree_memory
+from services import CURL, PRIVOXY, echo_server, last_message, privoxy, socks_downloads
+from socks5 import Endpoint, HttpOverSocks, download, http_get, open_http_session, open_tunnel
 
 try:
     import uvloop
@@ -56,6 +58,8 @@ class Profile:
     held_sessions: int
     ab_requests: int
     ab_concurrency: int
+    fairness_streams: int  # bulk downloads beside the ping-pong session
+    fairness_seconds: float  # ping-pong time alone, then again under load
     timeout: float  # seconds allowed for one scenario's measured part
 
     def file_sizes(self) -> dict[str, int]:
@@ -71,6 +75,8 @@ FULL = Profile(
     held_sessions=1000,
     ab_requests=1024,
     ab_concurrency=64,
+    fairness_streams=8,
+    fairness_seconds=5.0,
     timeout=300.0,
 )
 SMOKE = Profile(
@@ -81,6 +87,8 @@ SMOKE = Profile(
     held_sessions=50,
     ab_requests=0,
     ab_concurrency=0,
+    fairness_streams=8,
+    fairness_seconds=1.0,
     timeout=20.0,
 )
 
@@ -269,4 +277,144 @@ def privoxy_ab(target: Target, profile: Profile) -> Figures:
         "requests_per_s": requests_per_s,
         "cpu_us_per_request": cpu / profile.ab_requests * MICROSECONDS,
         "requests": profile.ab_requests,
+    }
+
+
+# --- (e) fairness: ping-pong round trips beside bulk downloads -----------------
+
+PING = bytes(range(64))  # the request; the echo server answers the same 64 bytes
+WARM_UP_PINGS = 100
+MIN_PINGS = 10  # below this no percentile means anything (the JSON has the counts)
+MAX_PINGS_PER_SECOND = 100_000  # the count bound, above any loopback ping-pong rate
+STREAM_WARM_UP_BYTES = 4 << 20  # each download has moved this much before the ping-pong starts
+RAMP_UP_LIMIT = 10.0  # seconds allowed for that
+STREAM_RATE_CEILING = 4e9  # bytes/s one download cannot reach here: sizes its list of URLs
+POLL_INTERVAL = 0.01
+DIRECT_SECONDS = 1.0  # the ping-pong straight to the echo server, alone and under load
+
+
+def fairness_missing() -> str | None:
+    """Why scenario (e) cannot run here, or None if it can."""
+    return None if shutil.which(CURL) else f"not installed: {CURL} (package curl)"
+
+
+def _round_trip_us(connection: socket.socket, answer: memoryview) -> float:
+    """Send PING on connection and read its echo into answer: the round trip in µs."""
+    started = time.perf_counter_ns()
+    connection.sendall(PING)
+    received = 0
+    while received < len(PING):
+        count = connection.recv_into(answer[received:])
+        if count == 0:
+            raise ScenarioError("a ping-pong connection was closed")
+        received += count
+    round_trip = (time.perf_counter_ns() - started) / 1e3
+    if answer != PING:
+        raise ScenarioError("the echo did not match the request")
+    return round_trip
+
+
+def _ping_pong(connection: socket.socket, seconds: float, max_count: int) -> list[float]:
+    """Round trips on connection, one after the other, for seconds (at most max_count): each one in µs."""
+    answer = memoryview(bytearray(len(PING)))
+    round_trips: list[float] = []
+    deadline = time.monotonic() + seconds
+    while len(round_trips) < max_count and time.monotonic() < deadline:
+        round_trips.append(_round_trip_us(connection, answer))
+    return round_trips
+
+
+def _percentiles(round_trips: list[float], what: str) -> tuple[float, float, float]:
+    """p50, p99 and p99.9 of the round trips."""
+    if len(round_trips) < MIN_PINGS:
+        raise ScenarioError(f"only {len(round_trips)} round trips {what}")
+    cuts = statistics.quantiles(round_trips, n=1000, method="inclusive")
+    return cuts[499], cuts[989], cuts[998]
+
+
+def _raise_if_ended(downloads: list[subprocess.Popen[bytes]], workdir: Path) -> None:
+    for number, process in enumerate(downloads):
+        if process.poll() == 0:
+            raise ScenarioError(f"download {number} fetched all its URLs too soon: raise STREAM_RATE_CEILING")
+        if process.returncode is not None:
+            message = last_message(workdir, f"curl-{number}")
+            raise ScenarioError(f"download {number} failed, curl exit status {process.returncode}: {message}")
+
+
+def _bytes_written(downloads: list[subprocess.Popen[bytes]]) -> list[int]:
+    return [bytes_written(process.pid) for process in downloads]
+
+
+def _wait_until_streaming(downloads: list[subprocess.Popen[bytes]], workdir: Path) -> None:
+    """Return once every download has moved STREAM_WARM_UP_BYTES."""
+    deadline = time.monotonic() + RAMP_UP_LIMIT
+    while time.monotonic() < deadline:
+        _raise_if_ended(downloads, workdir)
+        if all(bytes_written(process.pid) >= STREAM_WARM_UP_BYTES for process in downloads):
+            return
+        time.sleep(POLL_INTERVAL)
+    raise ScenarioError(f"downloads not all under way after {RAMP_UP_LIMIT:.0f} s")
+
+
+def _url_glob(target: Target, profile: Profile) -> str:
+    """The bulk file, under enough different URLs (a curl glob) to last past the measurement."""
+    window = RAMP_UP_LIMIT + profile.fairness_seconds
+    files = math.ceil(window * STREAM_RATE_CEILING / profile.file_sizes()[profile.bulk_file])
+    return f"http://{target.web.host}:{target.web.port}/{profile.bulk_file}?[1-{files}]"
+
+
+def _direct_connection(echo: Endpoint) -> socket.socket:
+    return socket.create_connection((echo.host, echo.port), timeout=SOCKET_TIMEOUT)
+
+
+def fairness(target: Target, profile: Profile) -> Figures:
+    """Ping-pong through the server, alone then beside the downloads.
+
+    After each, 1 s of ping-pong straight to the echo server gives the
+    machine's own delays in the same conditions, to read the server's against.
+    """
+    seconds = profile.fairness_seconds
+    max_pings = int(seconds * MAX_PINGS_PER_SECOND)
+    with (
+        echo_server(target.workdir, profile.timeout) as echo,
+        open_tunnel(target.proxy, echo, SOCKET_TIMEOUT) as tunnel,
+        _direct_connection(echo) as direct,
+    ):
+        for connection in (tunnel, direct):
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _ping_pong(connection, seconds, WARM_UP_PINGS)
+        alone = _ping_pong(tunnel, seconds, max_pings)
+        direct_alone = _ping_pong(direct, DIRECT_SECONDS, max_pings)
+        streams, url_glob = profile.fairness_streams, _url_glob(target, profile)
+        with socks_downloads(target.proxy, url_glob, streams, target.workdir, SOCKET_TIMEOUT) as downloads:
+            _wait_until_streaming(downloads, target.workdir)
+            written_before = _bytes_written(downloads)
+            started = time.perf_counter()
+            loaded = _ping_pong(tunnel, seconds, max_pings)
+            loaded_seconds = time.perf_counter() - started
+            written = [after - before for after, before in zip(_bytes_written(downloads), written_before, strict=True)]
+            direct_loaded = _ping_pong(direct, DIRECT_SECONDS, max_pings)
+            _raise_if_ended(downloads, target.workdir)
+    if not any(written):
+        raise ScenarioError("the downloads moved nothing during the ping-pong")
+    alone_p50, alone_p99, _ = _percentiles(alone, "alone")
+    loaded_p50, loaded_p99, loaded_p999 = _percentiles(loaded, "under load")
+    direct_alone_p50, direct_alone_p99, _ = _percentiles(direct_alone, "direct, alone")
+    direct_loaded_p50, direct_loaded_p99, _ = _percentiles(direct_loaded, "direct, under load")
+    return {
+        "p50_us_alone": alone_p50,
+        "p99_us_alone": alone_p99,
+        "p50_us_loaded": loaded_p50,
+        "p99_us_loaded": loaded_p99,
+        "p999_us_loaded": loaded_p999,
+        "max_us_loaded": max(loaded),
+        "bulk_mb_per_s": sum(written) / loaded_seconds / BYTES_PER_MB,
+        "slowest_stream_percent": min(written) / statistics.mean(written) * 100,
+        "direct_p50_us_alone": direct_alone_p50,
+        "direct_p99_us_alone": direct_alone_p99,
+        "direct_p50_us_loaded": direct_loaded_p50,
+        "direct_p99_us_loaded": direct_loaded_p99,
+        "pings_alone": len(alone),
+        "pings_loaded": len(loaded),
+        "streams": streams,
     }

@@ -1,4 +1,5 @@
-"""Starting and stopping the processes a benchmark run needs: nginx, the SOCKS servers, privoxy.
+"""Starting and stopping the processes a benchmark run needs: nginx, the SOCKS servers, privoxy,
+the echo server and the curl downloads.
 
 Every process is started in a new session, so it leads its own process group,
 and is stopped by signalling that group; leftover descendants are killed by PID.
@@ -74,22 +75,29 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _start(
+    argv: list[str], workdir: Path, log: Path, env: Mapping[str, str] | None = None, output_to_null: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start argv in a new session, its messages (and its output, unless output_to_null) in log."""
+    with log.open("wb") as messages:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL if output_to_null else messages,
+            stderr=messages if output_to_null else subprocess.STDOUT,
+            cwd=workdir,
+            env=None if env is None else dict(env),
+            start_new_session=True,
+        )
+
+
 @contextmanager
 def running(
     name: str, argv: list[str], port: int, workdir: Path, env: Mapping[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run argv until the block ends; returns once it accepts connections on port."""
     log = workdir / f"{name}.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-            env=None if env is None else dict(env),
-            start_new_session=True,
-        )
+    process = _start(argv, workdir, log, env)
     try:
         _wait_until_listening(process, port, log)
         yield process
@@ -269,3 +277,43 @@ def privoxy(workdir: Path, socks: Endpoint) -> Iterator[Endpoint]:
     conf.write_text(PRIVOXY_CONF.format(host=LOCALHOST, port=port, socks_host=socks.host, socks_port=socks.port))
     with running("privoxy", [PRIVOXY, "--no-daemon", str(conf)], port, workdir):
         yield Endpoint(LOCALHOST, port)
+
+
+# --- echo server and curl downloads (fairness scenario) -----------------------
+
+ECHO = Path(__file__).resolve().parent / "echo.py"
+CURL = "/usr/bin/curl"
+
+
+@contextmanager
+def echo_server(workdir: Path, lifetime: float) -> Iterator[Endpoint]:
+    """bench/echo.py on a free port, in its own process, for at most lifetime seconds."""
+    port = free_port()
+    with running("echo", [sys.executable, str(ECHO), str(port), f"{lifetime:g}"], port, workdir):
+        yield Endpoint(LOCALHOST, port)
+
+
+def last_message(workdir: Path, name: str) -> str:
+    """The last line that the process started as name printed."""
+    return _last_log_line(workdir / f"{name}.log")
+
+
+@contextmanager
+def socks_downloads(
+    proxy: Endpoint, url_glob: str, streams: int, workdir: Path, transfer_timeout: float
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """streams curl processes, each fetching every URL of url_glob (e.g. ".../64M?[1-100]") in turn
+    through proxy, over one SOCKS session, into /dev/null; stopped when the block ends.
+
+    Process number i logs its errors to curl-i.log in workdir; a failed transfer ends it.
+    """
+    argv = [CURL, "-fsS", "--fail-early", "--max-time", f"{transfer_timeout:g}"]
+    argv += ["--socks5", f"{proxy.host}:{proxy.port}", url_glob]
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for number in range(streams):
+            processes.append(_start(argv, workdir, workdir / f"curl-{number}.log", output_to_null=True))
+        yield processes
+    finally:
+        for process in processes:
+            _stop(process)
