@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 from . import splice
 
+YIELD_AFTER = 1 << 16  # a read this large means more is waiting: read it on the next turn
+
 
 class RelayEnd(asyncio.Protocol):
     __slots__ = (
@@ -27,6 +29,8 @@ class RelayEnd(asyncio.Protocol):
         "splice_after",
         "splicer",
         "spliced",
+        "held",
+        "yielding",
     )
 
     def __init__(self) -> None:
@@ -40,6 +44,8 @@ class RelayEnd(asyncio.Protocol):
         self.splice_after = 0  # switch this direction to splice(2) past this many bytes; 0: never
         self.splicer: splice.Splicer | None = None
         self.spliced = False
+        self.held = False  # reading stopped by back-pressure from the peer
+        self.yielding = False  # reading stopped until the next turn of the loop (fairness)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -51,8 +57,21 @@ class RelayEnd(asyncio.Protocol):
             self.transport.pause_reading()
             return
         self.peer.transport.write(data)
-        if self.splice_after and self.received > self.splice_after and len(data) >= splice.BIG_READ:
-            self.spliced = splice.try_start(self)
+        if len(data) >= YIELD_AFTER:
+            if self.splice_after and self.received > self.splice_after:
+                self.spliced = splice.try_start(self)
+                if self.spliced:
+                    return
+            # the loop would read this socket again at once (libuv reads up to 32 times an
+            # event): let every other connection have its turn first
+            self.yielding = True
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._take_turn)
+
+    def _take_turn(self) -> None:
+        self.yielding = False
+        if not (self.held or self.lost or self.splicer is not None):
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -67,12 +86,16 @@ class RelayEnd(asyncio.Protocol):
         return True
 
     def pause_writing(self) -> None:
-        if self.peer.splicer is None:
-            self.peer.transport.pause_reading()
+        source = self.peer
+        source.held = True
+        if source.splicer is None:
+            source.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.peer.splicer is None:  # a spliced source is read by its splicer only
-            self.peer.transport.resume_reading()
+        source = self.peer
+        source.held = False
+        if not (source.yielding or source.lost or source.splicer is not None):
+            source.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True

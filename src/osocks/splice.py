@@ -9,8 +9,9 @@ happens only when its write buffer is empty (byte order is kept).
 
 Back-pressure: at most one pipe (64 KiB) is in flight; when the destination
 cannot take more, the source is no longer read until the pipe drains.
-Fairness: one splice in and one drain per readiness event, as the copying
-relay reads one buffer per event.  Half-close and resets behave as in the
+Fairness: one splice in and one drain per readiness event, of a size that
+shrinks as more directions splice at once (TURN_BUDGET), so that a turn of
+the event loop stays short and a small exchange is not kept waiting.  Half-close and resets behave as in the
 copying relay: source EOF becomes `write_eof` on the destination once the
 pipe is empty; an error aborts both sides.
 """
@@ -29,9 +30,15 @@ if TYPE_CHECKING:
 
 AVAILABLE = hasattr(os, "splice")
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: fewer, larger splices (kernel memory, only while in use)
-CHUNK = PIPE_SIZE
+TURN_BUDGET = 1 << 20  # bytes all splicers together move per turn of the event loop
+MIN_CHUNK = 1 << 16
+_active = 0  # splicers open in this process
+
+
+def chunk_size() -> int:
+    """One splice per readiness event, sized so that a turn of the loop stays short (fairness)."""
+    return max(MIN_CHUNK, min(PIPE_SIZE, TURN_BUDGET // max(1, _active)))
 SPLICE_AFTER = 1 << 20  # bytes a direction carries before it is worth a pipe
-BIG_READ = 1 << 15  # ...in reads at least this large (a bulk transfer, not chatter)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
@@ -54,6 +61,8 @@ class Splicer:
         self.source_done = False
         self.watching = ""  # "read" (the source) or "write" (the destination)
         self._watch("read")
+        global _active
+        _active += 1
 
     def _watch(self, what: str) -> None:
         if self.watching == "read":
@@ -68,7 +77,7 @@ class Splicer:
 
     def _readable(self) -> None:
         try:
-            moved = os.splice(self.src, self.pipe_w, CHUNK, flags=_FLAGS)
+            moved = os.splice(self.src, self.pipe_w, chunk_size(), flags=_FLAGS)
         except BlockingIOError:
             return
         except OSError as e:
@@ -134,6 +143,8 @@ class Splicer:
         for fd in (self.src, self.dst, self.pipe_r, self.pipe_w):
             os.close(fd)
         self.src = -1
+        global _active
+        _active -= 1
 
 
 def try_start(end: RelayEnd) -> bool:
