@@ -165,3 +165,32 @@ def test_interface_without_netifd_uses_the_kernel_device(run_osocks) -> None:
         sock.sendall(b"\x05\x01\x00")
         assert recv_exactly(sock, 2) == b"\x05\x00"
     assert server.proc.poll() is None
+
+
+def test_syslog_lines_reach_the_syslog_socket(tmp_path, monkeypatch) -> None:
+    import logging
+
+    from osocks import __main__ as app
+
+    path = str(tmp_path / "log")
+    syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    syslog.bind(path)
+    syslog.settimeout(5)
+    monkeypatch.setattr(app, "SYSLOG_SOCKET", path)
+    saved = logging.getLogger().handlers[:], logging.getLogger().level
+    try:
+        app.setup_logging(DEFAULTS.replace(syslog=True))
+        logging.getLogger("osocks").info("a line for syslog")
+        line = syslog.recv(4096).decode()
+    finally:
+        logging.getLogger().handlers[:], level = saved
+        logging.getLogger().setLevel(level)
+        syslog.close()
+    assert line.startswith("<30>osocks[") and line.rstrip("\0").endswith("]: a line for syslog")  # daemon.info
+
+
+def test_syslog_missing_falls_back_to_stderr(run_osocks, monkeypatch) -> None:
+    if os.path.exists("/dev/log"):
+        pytest.skip("this machine has a syslog socket")
+    server = run_osocks("-s", "-l", "127.0.0.1", "-p", "0")
+    assert any("no syslog at /dev/log, logging to stderr" in line for line in server.lines)

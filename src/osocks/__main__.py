@@ -19,11 +19,12 @@ from .settings import DEFAULTS, Settings, SettingsError
 
 if TYPE_CHECKING:
     from .ubus import UbusBridge
-    from .workers import Master
+    from .workers import Master, Zygote
 
 log = logging.getLogger("osocks")
 
 UCI_DIR = "/etc/config"
+SYSLOG_SOCKET = "/dev/log"
 UBUS_SOCKETS = ("/var/run/ubus/ubus.sock", "/var/run/ubus.sock")  # libubus' default, and older OpenWrt's
 
 
@@ -45,18 +46,20 @@ def setup_logging(settings: Settings) -> None:
     level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
         max(-2, settings.verbosity), logging.DEBUG
     )
-    handler: logging.Handler
-    if settings.syslog:
+    logging.raiseExceptions = False  # a log line that cannot be written is no reason for a traceback
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("osocks: %(levelname)s %(message)s"))
+    no_syslog = settings.syslog and not os.path.exists(SYSLOG_SOCKET)
+    if settings.syslog and not no_syslog:
         from logging.handlers import SysLogHandler  # only here: memory other runs need not pay
 
-        handler = SysLogHandler("/dev/log", facility=SysLogHandler.LOG_DAEMON)
+        handler = SysLogHandler(SYSLOG_SOCKET, facility=SysLogHandler.LOG_DAEMON)
         handler.setFormatter(logging.Formatter("osocks[%(process)d]: %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("osocks: %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    if no_syslog:
+        log.warning("-s: no syslog at %s, logging to stderr", SYSLOG_SOCKET)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -76,16 +79,15 @@ async def log_status(server: Server | Master) -> None:
     log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "status %s", (json.dumps(status),), None))
 
 
-async def serve(command: cli.Command, settings: Settings) -> None:
+async def serve(command: cli.Command, settings: Settings, zygote: Zygote | None = None) -> None:
     loop = asyncio.get_running_loop()
     server: Server | Master
-    count = settings.workers or os.cpu_count() or 1
-    if count == 1:
+    if zygote is None:
         server = Server(settings)
     else:
         from .workers import Master  # noqa: F811 - only where there are workers
 
-        server = Master(settings, count)
+        server = Master(settings, zygote)
     for signum in (signal.SIGTERM, signal.SIGINT):  # before ubus starts: libubox would take SIGTERM
         loop.add_signal_handler(signum, server.close)
     loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(log_status(server)))
@@ -179,9 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     except (cli.UsageError, SettingsError) as e:
         cli.die(f"{e} (osocks -h for help)")
     setup_logging(settings)
+    zygote = None
+    if settings.workers != 1:
+        from . import workers
+
+        if workers.count(settings) > 1:
+            zygote = workers.Zygote.fork()  # before any thread or event loop
     loop = new_event_loop()
     try:
-        loop.run_until_complete(serve(command, settings))
+        loop.run_until_complete(serve(command, settings, zygote))
     except ListenError as e:
         cli.die(str(e), 1)
     except KeyboardInterrupt:

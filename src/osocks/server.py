@@ -53,12 +53,13 @@ async def system_resolver(host: str, port: int, family: int) -> list[tuple[int, 
 
 
 class Server:
-    def __init__(self, settings: Settings, resolver: Resolver = system_resolver) -> None:
+    def __init__(self, settings: Settings, resolver: Resolver = system_resolver, reuse_port: bool = False) -> None:
         self.settings = settings
         self.resolver = resolver
+        self.reuse_port = reuse_port  # SO_REUSEPORT: worker processes each listen on the same port
         self.counters = Counters()
         self.live: set[Session] = set()
-        self.listeners: dict[tuple[str, int], asyncio.AbstractServer] = {}
+        self.listeners: dict[tuple[str, int], asyncio.Server] = {}
         self.interface_addresses: dict[str, list[str]] = {}  # OpenWrt interface → its addresses
         self._ticker: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
@@ -71,7 +72,8 @@ class Server:
         await self._open_listeners(self.settings, interface_addresses or {})
         self._tick()
 
-    def listen_addresses(self, settings: Settings, interface_addresses: dict[str, list[str]]) -> list[tuple[str, int]]:
+    @staticmethod
+    def listen_addresses(settings: Settings, interface_addresses: dict[str, list[str]]) -> list[tuple[str, int]]:
         addresses = list(settings.listen)
         for name in settings.interfaces:
             addresses += interface_addresses.get(name, [])
@@ -85,11 +87,11 @@ class Server:
         wanted = self.listen_addresses(settings, interface_addresses)
         if not wanted and not settings.interfaces:
             raise ListenError(f"no listen address of family {settings.family}")
-        opened: dict[tuple[str, int], asyncio.AbstractServer] = {}
+        opened: dict[tuple[str, int], asyncio.Server] = {}
         try:
             for address in wanted:
                 if address not in self.listeners:
-                    sock = _listening_socket(address, settings, wanted)
+                    sock = listening_socket(address, settings, wanted, self.reuse_port)
                     opened[address] = await asyncio.get_running_loop().create_server(
                         lambda: Session(self), sock=sock, backlog=1024
                     )
@@ -231,7 +233,9 @@ class Server:
     def sessions(self) -> list[dict[str, Any]]:
         return [session.describe() for session in self.live]
 
-    async def reload(self, settings: Settings, interface_addresses: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    async def reload(
+        self, settings: Settings, interface_addresses: dict[str, list[str]] | None = None
+    ) -> dict[str, Any]:
         """Apply new settings to new sessions; live sessions keep theirs."""
         old = self.settings
         changed = [name for name in old.public() if getattr(old, name) != getattr(settings, name)]
@@ -291,13 +295,18 @@ def _literal_family(host: str) -> int | None:
     return None
 
 
-def _listening_socket(address: tuple[str, int], settings: Settings, wanted: list[tuple[str, int]]) -> socket.socket:
+def listening_socket(
+    address: tuple[str, int], settings: Settings, wanted: list[tuple[str, int]], reuse_port: bool = False
+) -> socket.socket:
+    """A bound, non-blocking TCP socket for address (listen() is the caller's); ListenError if it cannot be."""
     host, port = address
     ip = ipaddress.ip_address(host)
     family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
     sock = _ListeningSocket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             ipv4_wildcard_too = any(ipaddress.ip_address(h) == ipaddress.IPv4Address(0) for h, _ in wanted)
             v6only = settings.family == "ipv6" or ipv4_wildcard_too or not ip.is_unspecified

@@ -85,16 +85,20 @@ class UbusBridge:
     def __init__(
         self,
         *,
-        status: Callable[[], dict[str, Any]],
-        sessions: Callable[[], list[dict[str, Any]]],
+        status: Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]],
+        sessions: Callable[[], list[dict[str, Any]] | Awaitable[list[dict[str, Any]]]],
         reload: Callable[[], Awaitable[dict[str, Any]]],
         loop: asyncio.AbstractEventLoop,
         socket_path: str | None = None,
         object_name: str = "osocks",
     ) -> None:
+        async def sessions_object() -> dict[str, Any]:
+            found = sessions()
+            return {"sessions": await found if inspect.isawaitable(found) else found}
+
         self._jobs: dict[str, tuple[Callable[[], Any], float]] = {
             "status": (status, ANSWER_TIMEOUT),
-            "sessions": (lambda: {"sessions": sessions()}, ANSWER_TIMEOUT),
+            "sessions": (sessions_object, ANSWER_TIMEOUT),
             "reload": (reload, RELOAD_TIMEOUT),
         }
         self._loop = loop
