@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import os
 import signal
@@ -76,6 +75,8 @@ async def log_status(server: Server | Master) -> None:
     status = server.status()
     if inspect.isawaitable(status):
         status = await status
+    import json
+
     log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "status %s", (json.dumps(status),), None))
 
 

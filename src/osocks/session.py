@@ -13,7 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from . import auth, relay, socks5
+from . import relay, socks5
 from .bind import bind
 from .socks5 import Command, Method, ProtocolError, ReplyCode
 from .udp import Association, associate
@@ -139,6 +139,8 @@ class Session(asyncio.Protocol):
         return any(address in net for net in self.settings.anonymous)
 
     def _authenticate(self, credentials: socks5.Credentials) -> None:
+        from . import auth  # hashlib and hmac only where there are users to check
+
         users = self.settings.users
         verdict = auth.quick_check(users, credentials.username, credentials.password)
         if verdict is not None:
