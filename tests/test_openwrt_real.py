@@ -7,6 +7,7 @@ host, or a machine where they were built from their public sources).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -184,9 +186,9 @@ while True:
 """
 
 
-def test_listens_on_the_lan_interface_and_follows_it(tmp_path: Path, ubusd: str) -> None:
-    """netifd's answer (here from a stand-in object on the real ubusd) decides the listeners."""
-    lan = tmp_path / "lan.json"
+@contextlib.contextmanager
+def netifd_stand_in(ubusd: str, lan: Path) -> Iterator[None]:
+    """Object network.interface.lan on the real ubusd; its status is what `lan` (JSON) holds."""
     lan.write_text(json.dumps({"up": True, "ipv4-address": [{"address": "127.0.0.1", "mask": 8}]}))
     netifd = subprocess.Popen([sys.executable, "-c", FAKE_NETIFD, ubusd, str(lan)])
     try:
@@ -194,6 +196,16 @@ def test_listens_on_the_lan_interface_and_follows_it(tmp_path: Path, ubusd: str)
         while subprocess.run(["ubus", "-s", ubusd, "list", "network.interface.lan"], capture_output=True).returncode:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        yield
+    finally:
+        netifd.kill()  # libubox's loop swallows SIGTERM in a process without a handler of its own
+        netifd.wait(5)
+
+
+def test_listens_on_the_lan_interface_and_follows_it(tmp_path: Path, ubusd: str) -> None:
+    """netifd's answer (here from a stand-in object on the real ubusd) decides the listeners."""
+    lan = tmp_path / "lan.json"
+    with netifd_stand_in(ubusd, lan):
         confdir = tmp_path / "config"
         confdir.mkdir()
         port = free_port()
@@ -217,6 +229,3 @@ def test_listens_on_the_lan_interface_and_follows_it(tmp_path: Path, ubusd: str)
             assert server.proc.poll() is None  # an interface going down does not stop osocks
         finally:
             assert server.stop() == 0
-    finally:
-        netifd.kill()  # libubox's loop swallows SIGTERM in a process without a handler of its own
-        netifd.wait(5)

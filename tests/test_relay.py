@@ -115,34 +115,20 @@ def rst_close(sock: socket.socket) -> None:
     sock.close()
 
 
-def test_client_reset_closes_destination_promptly(make_server) -> None:
+@pytest.mark.parametrize("resetting", ["client", "destination"])
+def test_a_reset_closes_the_other_side_promptly(make_server, resetting: str) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     server = make_server()
     sock, code, _, _ = socks_connect(server.port, "127.0.0.1", listener.getsockname()[1])
     conn, _ = listener.accept()
-    rst_close(sock)
+    reset, other = (sock, conn) if resetting == "client" else (conn, sock)
+    rst_close(reset)
     started = time.monotonic()
-    assert wait_closed(conn, timeout=5) == b""
+    assert wait_closed(other, timeout=5) == b""
     assert time.monotonic() - started < 2
-    conn.close()
-    listener.close()
-    server.wait_for(lambda s: s["sessions"]["live"] == 0)
-
-
-def test_destination_reset_closes_client_promptly(make_server) -> None:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    server = make_server()
-    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", listener.getsockname()[1])
-    conn, _ = listener.accept()
-    rst_close(conn)
-    started = time.monotonic()
-    wait_closed(sock, timeout=5)
-    assert time.monotonic() - started < 2
-    sock.close()
+    other.close()
     listener.close()
     server.wait_for(lambda s: s["sessions"]["live"] == 0)
 

@@ -38,7 +38,7 @@ def status_of(server: OsocksProcess, timeout: float = 5.0) -> dict:
     while time.monotonic() < deadline:
         for line in server.lines[seen:]:
             if line.startswith(STATUS_LINE):
-                return json.loads(line[len(STATUS_LINE):])
+                return json.loads(line[len(STATUS_LINE) :])
         time.sleep(0.02)
     raise AssertionError("no status line after SIGUSR1: " + "".join(server.lines[-5:]))
 
@@ -189,7 +189,10 @@ def test_second_osocks_on_the_same_port_is_refused(run_osocks) -> None:
     server = run_osocks(*WORKERS)
     out = subprocess.run(
         [sys.executable, "-m", "osocks", "--no-uci", "-l", "127.0.0.1", "-p", str(server.port), "-w", "2"],
-        capture_output=True, text=True, timeout=20, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
     )
     assert out.returncode == 1 and "Address already in use" in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
@@ -231,10 +234,22 @@ def test_sighup_reaches_every_worker(run_osocks, echo: EchoServer, tmp_path: Pat
 
 
 def test_merge_statuses_sums_counters_and_unites_listeners() -> None:
-    one = {"pid": 1, "listeners": ["a:1"], "sessions": {"live": 1, "total": 5}, "bytes": {"up": 3, "down": 4},
-           "settings": {"port": 1}, "new_counter": 2}
-    two = {"pid": 2, "listeners": ["a:1", "b:1"], "sessions": {"live": 2, "total": 7}, "bytes": {"up": 1, "down": 0},
-           "settings": {"port": 1}, "new_counter": 3}
+    one = {
+        "pid": 1,
+        "listeners": ["a:1"],
+        "sessions": {"live": 1, "total": 5},
+        "bytes": {"up": 3, "down": 4},
+        "settings": {"port": 1},
+        "new_counter": 2,
+    }
+    two = {
+        "pid": 2,
+        "listeners": ["a:1", "b:1"],
+        "sessions": {"live": 2, "total": 7},
+        "bytes": {"up": 1, "down": 0},
+        "settings": {"port": 1},
+        "new_counter": 3,
+    }
     merged = merge_statuses([one, two])
     assert merged["sessions"] == {"live": 3, "total": 12} and merged["bytes"] == {"up": 4, "down": 4}
     assert merged["listeners"] == ["a:1", "b:1"] and merged["new_counter"] == 5
@@ -252,7 +267,9 @@ if not ubus.available():
 
 @pytest.mark.skipif(bool(UBUS_MISSING), reason=f"not installed: {', '.join(UBUS_MISSING)}")
 def test_ubus_status_sessions_and_reload_for_all_workers(
-    tmp_path: Path, echo: EchoServer, ubusd: str  # noqa: F811 - the fixture
+    tmp_path: Path,
+    echo: EchoServer,
+    ubusd: str,  # noqa: F811 - the fixture
 ) -> None:
     users = tmp_path / "users"
     users.write_text("alice:one\n")
@@ -286,13 +303,7 @@ def test_ubus_status_sessions_and_reload_for_all_workers(
 def test_workers_from_uci_follow_the_lan_interface(tmp_path: Path, ubusd: str) -> None:  # noqa: F811
     """`option workers '2'`, `list interface 'lan'`: every worker follows netifd's answers (a stand-in here)."""
     lan = tmp_path / "lan.json"
-    lan.write_text(json.dumps({"up": True, "ipv4-address": [{"address": "127.0.0.1", "mask": 8}]}))
-    netifd = subprocess.Popen([sys.executable, "-c", openwrt.FAKE_NETIFD, ubusd, str(lan)])
-    try:
-        deadline = time.monotonic() + 5
-        while subprocess.run(["ubus", "-s", ubusd, "list", "network.interface.lan"], capture_output=True).returncode:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with openwrt.netifd_stand_in(ubusd, lan):
         confdir = tmp_path / "config"
         confdir.mkdir()
         port = free_port()
@@ -319,6 +330,3 @@ def test_workers_from_uci_follow_the_lan_interface(tmp_path: Path, ubusd: str) -
             assert len(openwrt.ubus_call(ubusd, "status")["workers"]) == 2
         finally:
             assert server.stop() == 0
-    finally:
-        netifd.kill()
-        netifd.wait(5)
