@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 
 import pytest
@@ -71,19 +72,25 @@ def test_client_rule_denies_at_once(make_server) -> None:
     assert server.wait_for(lambda s: s["sessions"]["denied"] == 1)["sessions"]["total"] == 1
 
 
-def test_destination_rule_is_checked_after_resolution(make_server, echo: EchoServer) -> None:
+def test_destination_rule_is_checked_after_resolution(make_server, echo: EchoServer, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="osocks")
     server = make_server(dest_rules=parse_rules("t", [f"deny 127.0.0.1 port {echo.port}"]))
     for host in ("127.0.0.1", "localhost"):
         sock, code, _, _ = socks_connect(server.port, host, echo.port)
         sock.close()
         assert code == ReplyCode.NOT_ALLOWED
     assert not echo.peers
+    server.wait_for(lambda s: s["sessions"]["live"] == 0)
+    assert f"denied by rule 'deny 127.0.0.1/32 port {echo.port}'" in caplog.text  # the log says which rule
 
 
-def test_local_destinations_denied_by_default(make_server, echo: EchoServer) -> None:
+def test_local_destinations_denied_by_default(make_server, echo: EchoServer, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="osocks")
     server = make_server(allow_local=False)
     own = sorted(str(a) for a in netinfo.local_addresses() if a.version == 4 and not a.is_loopback)
     for host in ["127.0.0.1", "localhost", "0.0.0.0", *own[:1]]:
         sock, code, _, _ = socks_connect(server.port, host, echo.port)
         sock.close()
         assert code == ReplyCode.NOT_ALLOWED, host
+    server.wait_for(lambda s: s["sessions"]["live"] == 0)
+    assert "is on this host (--allow-local, UCI allow_local, allows it)" in caplog.text

@@ -58,9 +58,10 @@ async def bind(session: Session, request: socks5.Request) -> None:
                 if expected is None or _plain(peer[0]) in expected:
                     break
                 conn.close()  # not the peer the client named
-        if not server.destination_allowed(peer[0], peer[1]):
+        refused = server.destination_refused(peer[0], peer[1])
+        if refused is not None:
             conn.close()
-            raise ProtocolError(f"BIND peer {peer[0]} denied by rule", ReplyCode.NOT_ALLOWED)
+            raise ProtocolError(f"BIND peer {peer[0]} {refused}", ReplyCode.NOT_ALLOWED)
     finally:
         listener.close()
     upstream = relay.RelayEnd()

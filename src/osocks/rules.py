@@ -75,8 +75,13 @@ def parse_rule(text: str) -> Rule:
     return Rule(words[0] == "allow", networks, ports)
 
 
-def allowed(rules: tuple[Rule, ...], address: Address, port: int | None = None) -> bool:
+def first_match(rules: tuple[Rule, ...], address: Address, port: int | None = None) -> Rule | None:
     for rule in rules:
         if rule.matches(address, port):
-            return rule.allow
-    return True
+            return rule
+    return None
+
+
+def allowed(rules: tuple[Rule, ...], address: Address, port: int | None = None) -> bool:
+    rule = first_match(rules, address, port)
+    return rule is None or rule.allow

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import __version__, netinfo
-from .rules import allowed
+from .rules import allowed, first_match
 from .session import COMMAND, RELAY, Session, _endpoint
 from .settings import Settings
 from .socks5 import Command, ProtocolError, ReplyCode
@@ -166,11 +166,13 @@ class Server:
                                 ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
         return [(literal, (host, port))]
 
-    def destination_allowed(self, host: str, port: int) -> bool:
+    def destination_refused(self, host: str, port: int) -> str | None:
+        """Why a destination (an IP literal) is not allowed, or None when it is."""
         if not self.settings.allow_local and netinfo.is_local_host(host):
-            return False
+            return "is on this host (--allow-local, UCI allow_local, allows it)"
         rules = self.settings.dest_rules
-        return not rules or allowed(rules, netinfo.plain_address(host), port)
+        rule = first_match(rules, netinfo.plain_address(host), port) if rules else None
+        return f"denied by rule '{rule}'" if rule is not None and not rule.allow else None
 
     def source_address(self, family: int) -> tuple[str, int] | None:
         source = self.settings.bind_address

@@ -216,8 +216,9 @@ class Session(asyncio.Protocol):
         error: BaseException = OSError("no address to connect to")
         for family, sockaddr in addresses:
             host, port = sockaddr[0], sockaddr[1]
-            if not self.server.destination_allowed(host, port):
-                error = ProtocolError(f"destination {_endpoint(sockaddr)} denied by rule", ReplyCode.NOT_ALLOWED)
+            refused = self.server.destination_refused(host, port)
+            if refused is not None:
+                error = ProtocolError(f"destination {_endpoint(sockaddr)} {refused}", ReplyCode.NOT_ALLOWED)
                 continue
             try:
                 transport, _ = await loop.create_connection(

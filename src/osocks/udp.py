@@ -178,7 +178,7 @@ class Association:
 
     def _send(self, host: str, port: int, payload: bytes) -> None:
         server = self.session.server
-        if not server.destination_allowed(host, port):
+        if server.destination_refused(host, port) is not None:
             return
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         transport = self.outbound.get(family)
