@@ -42,9 +42,7 @@ def load_settings(command: cli.Command) -> Settings:
 
 
 def setup_logging(settings: Settings) -> None:
-    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
-        max(-2, settings.verbosity), logging.DEBUG
-    )
+    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(max(-2, settings.verbosity), logging.DEBUG)
     logging.raiseExceptions = False  # a log line that cannot be written is no reason for a traceback
     handler: logging.Handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("osocks: %(levelname)s %(message)s"))

@@ -136,9 +136,22 @@ class Command:
         """The settings: `base` (defaults, or UCI) with every given flag on top."""
         g = self.given
         changes: dict[str, Any] = {}
-        for name in ("listen", "port", "max_sessions", "connect_timeout", "idle_timeout",
-                     "handshake_timeout", "bind_timeout", "family", "syslog", "workers", "allow_local",
-                     "bind_address", "external_address", "splice"):
+        for name in (
+            "listen",
+            "port",
+            "max_sessions",
+            "connect_timeout",
+            "idle_timeout",
+            "handshake_timeout",
+            "bind_timeout",
+            "family",
+            "syslog",
+            "workers",
+            "allow_local",
+            "bind_address",
+            "external_address",
+            "splice",
+        ):
             if name in g:
                 changes[name] = tuple(g[name]) if name == "listen" else g[name]
         if "louder" in g or "quieter" in g:

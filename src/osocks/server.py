@@ -31,8 +31,19 @@ class ListenError(Exception):
 
 class Counters:
     __slots__ = (
-        "started", "total", "peak", "refused", "denied", "auth_failures", "replies",
-        "bytes_up", "bytes_down", "udp_associations", "udp_datagrams", "udp_bytes", "spliced",
+        "started",
+        "total",
+        "peak",
+        "refused",
+        "denied",
+        "auth_failures",
+        "replies",
+        "bytes_up",
+        "bytes_down",
+        "udp_associations",
+        "udp_datagrams",
+        "udp_bytes",
+        "spliced",
     )
 
     def __init__(self) -> None:
@@ -147,24 +158,36 @@ class Server:
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "client %s -> %s: up %d down %d bytes in %.3fs, %s",
-                _endpoint(session.client), session.target or "-", up, down,
-                time.monotonic() - session.started, session.outcome,
+                _endpoint(session.client),
+                session.target or "-",
+                up,
+                down,
+                time.monotonic() - session.started,
+                session.outcome,
             )
+
+    def literal_address(self, host: str, port: int) -> list[tuple[int, tuple]] | None:
+        """[(family, sockaddr)] for an IP literal (no resolving, no coroutine); None for a name."""
+        literal = _literal_family(host)
+        if literal is None:
+            return None
+        family = _FAMILIES[self.settings.family]
+        if family not in (socket.AF_UNSPEC, literal):
+            version = 4 if literal == socket.AF_INET else 6
+            raise ProtocolError(
+                f"IPv{version} destinations are off (-{10 - version})", ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED
+            )
+        return [(literal, (host, port))]
 
     async def resolve(self, host: str, port: int) -> list[tuple[int, tuple]]:
         """(family, sockaddr) to try in turn: an IP literal as it is, a name through the resolver."""
-        family = _FAMILIES[self.settings.family]
-        literal = _literal_family(host)
-        if literal is None:
-            addresses = await self.resolver(host, port, family)
-            if not addresses:
-                raise socket.gaierror(socket.EAI_NONAME, "name has no address")
-            return addresses
-        if family not in (socket.AF_UNSPEC, literal):
-            version = 4 if literal == socket.AF_INET else 6
-            raise ProtocolError(f"IPv{version} destinations are off (-{10 - version})",
-                                ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
-        return [(literal, (host, port))]
+        literal = self.literal_address(host, port)
+        if literal is not None:
+            return literal
+        addresses = await self.resolver(host, port, _FAMILIES[self.settings.family])
+        if not addresses:
+            raise socket.gaierror(socket.EAI_NONAME, "name has no address")
+        return addresses
 
     def destination_refused(self, host: str, port: int) -> str | None:
         """Why a destination (an IP literal) is not allowed, or None when it is."""
@@ -222,8 +245,13 @@ class Server:
             "uptime": round(time.monotonic() - c.started, 3),
             "listeners": [_endpoint(address) for address in self.bound_addresses()],
             "interfaces": self.interface_addresses,
-            "sessions": {"live": len(self.live), "total": c.total, "peak": c.peak,
-                         "refused": c.refused, "denied": c.denied},
+            "sessions": {
+                "live": len(self.live),
+                "total": c.total,
+                "peak": c.peak,
+                "refused": c.refused,
+                "denied": c.denied,
+            },
             "auth_failures": c.auth_failures,
             "replies": {code.name.lower(): c.replies[code] for code in ReplyCode},
             "bytes": {"up": up, "down": down},

@@ -203,31 +203,31 @@ class Session(asyncio.Protocol):
     # -- CONNECT -----------------------------------------------------------
 
     async def _connect(self, request: socks5.Request) -> None:
+        """Try each address of the destination in turn; the last error tells the reply."""
         if request.port == 0:
             raise ProtocolError("destination port 0", ReplyCode.GENERAL_FAILURE)
+        server = self.server
+        addresses = server.literal_address(request.host, request.port)
+        if addresses is None:
+            addresses = await server.resolve(request.host, request.port)
         upstream = relay.RelayEnd()
-        addresses = await self.server.resolve(request.host, request.port)
-        transport = await self._dial(addresses, upstream)
-        self.succeed(transport, upstream)
-
-    async def _dial(self, addresses: list[tuple[int, tuple]], upstream: relay.RelayEnd) -> asyncio.Transport:
-        """Try each address in turn; the last error tells the reply."""
-        loop = self.server.loop
-        error: BaseException = OSError("no address to connect to")
+        error: BaseException | None = None
         for family, sockaddr in addresses:
             host, port = sockaddr[0], sockaddr[1]
-            refused = self.server.destination_refused(host, port)
+            refused = server.destination_refused(host, port)
             if refused is not None:
                 error = ProtocolError(f"destination {_endpoint(sockaddr)} {refused}", ReplyCode.NOT_ALLOWED)
                 continue
             try:
-                transport, _ = await loop.create_connection(
-                    lambda: upstream, host, port, family=family, local_addr=self.server.source_address(family)
+                transport, _ = await server.loop.create_connection(
+                    lambda: upstream, host, port, family=family, local_addr=server.source_address(family)
                 )
-                return transport  # type: ignore[return-value]
             except OSError as e:
                 error = e
-        raise error
+                continue
+            self.succeed(transport, upstream)  # type: ignore[arg-type]
+            return
+        raise error or OSError("no address to connect to")
 
     def succeed(
         self, upstream_transport: asyncio.Transport, upstream: relay.RelayEnd, bound: tuple | None = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -55,12 +54,12 @@ class ProtocolError(Exception):
         self.reply = reply
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Greeting:
     methods: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Credentials:
     username: bytes
     password: bytes
@@ -69,20 +68,20 @@ class Credentials:
         return f"Credentials({self.username!r})"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     command: int  # a Command, or an unknown value the session answers with 07
     host: str  # an IP literal, or a domain name
     port: int
-    address_type: AddressType
+    address_type: int  # an AddressType
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UdpHeader:
     fragment: int
     host: str
     port: int
-    address_type: AddressType
+    address_type: int  # an AddressType
 
 
 def parse_greeting(data: bytes) -> tuple[Greeting, int] | None:
@@ -117,7 +116,7 @@ def parse_credentials(data: bytes) -> tuple[Credentials, int] | None:
     return Credentials(bytes(data[2 : 2 + ulen]), bytes(data[3 + ulen : end])), end
 
 
-def _parse_address(data: bytes, offset: int) -> tuple[AddressType, str, int, int] | None:
+def _parse_address(data: bytes, offset: int) -> tuple[int, str, int, int] | None:
     """ATYP ADDR PORT starting at offset: (type, host, port, end) or None."""
     if len(data) <= offset:
         return None
@@ -150,7 +149,7 @@ def _parse_address(data: bytes, offset: int) -> tuple[AddressType, str, int, int
     else:
         raise ProtocolError(f"unknown address type {atyp:#04x}", ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
     port = (data[end - 2] << 8) | data[end - 1]
-    return AddressType(atyp), host, port, end
+    return atyp, host, port, end
 
 
 def parse_request(data: bytes) -> tuple[Request, int] | None:
@@ -191,15 +190,17 @@ def auth_reply(ok: bool) -> bytes:
 
 def encode_address(host: str, port: int) -> bytes:
     """ATYP ADDR PORT for an IP literal or a domain name."""
-    for family, atyp in ((socket.AF_INET, AddressType.IPV4), (socket.AF_INET6, AddressType.IPV6)):
-        try:
-            return bytes((atyp,)) + socket.inet_pton(family, host.partition("%")[0]) + struct.pack("!H", port)
-        except OSError:
-            pass
+    six = ":" in host
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if six else socket.AF_INET, host.partition("%")[0])
+    except OSError:
+        pass
+    else:
+        return bytes((AddressType.IPV6 if six else AddressType.IPV4,)) + packed + port.to_bytes(2, "big")
     name = host.encode("ascii")
     if not 0 < len(name) < 256:
         raise ValueError(f"domain name of {len(name)} bytes")
-    return bytes((AddressType.DOMAIN, len(name))) + name + struct.pack("!H", port)
+    return bytes((AddressType.DOMAIN, len(name))) + name + port.to_bytes(2, "big")
 
 
 def encode_reply(code: ReplyCode, host: str = "0.0.0.0", port: int = 0) -> bytes:

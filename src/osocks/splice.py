@@ -38,6 +38,8 @@ _active = 0  # splicers open in this process
 def chunk_size() -> int:
     """One splice per readiness event, sized so that a turn of the loop stays short (fairness)."""
     return max(MIN_CHUNK, min(PIPE_SIZE, TURN_BUDGET // max(1, _active)))
+
+
 SPLICE_AFTER = 1 << 20  # bytes a direction carries before it is worth a pipe
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 

@@ -158,7 +158,8 @@ class Zygote:
         with theirs:
             process = subprocess.Popen(
                 [sys.executable, "-m", "osocks.workers", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},  # the master's osocks, wherever it is
             )
         return cls(ours, process.pid)
@@ -314,8 +315,9 @@ class Master:
             raise
         return sock
 
-    def _commit(self, settings: Settings, interface_addresses: dict[str, list[str]],
-                opened: dict[Address, socket.socket]) -> None:
+    def _commit(
+        self, settings: Settings, interface_addresses: dict[str, list[str]], opened: dict[Address, socket.socket]
+    ) -> None:
         self.settings = settings
         self.interface_addresses = interface_addresses
         wanted = Server.listen_addresses(settings, interface_addresses)
@@ -407,8 +409,9 @@ class Master:
             return
         ran = time.monotonic() - worker.started
         worker.backoff = BACKOFF_FIRST if ran >= STABLE else _doubled(worker.backoff)
-        log.error("worker %d (pid %s) ended after %.1f s; restarting it in %.1f s",
-                  worker.slot, pid, ran, worker.backoff)
+        log.error(
+            "worker %d (pid %s) ended after %.1f s; restarting it in %.1f s", worker.slot, pid, ran, worker.backoff
+        )
         self._schedule_restart(worker)
 
     def _schedule_restart(self, worker: Worker) -> None:
@@ -459,15 +462,24 @@ class Master:
         statuses = [a for a in answers.values() if isinstance(a, dict)]
         merged = merge_statuses(statuses)
         merged.update(
-            version=__version__, pid=os.getpid(), uptime=round(time.monotonic() - self.started, 3),
-            interfaces=self.interface_addresses, settings=self.settings.public(),
+            version=__version__,
+            pid=os.getpid(),
+            uptime=round(time.monotonic() - self.started, 3),
+            interfaces=self.interface_addresses,
+            settings=self.settings.public(),
         )
         listed: list[dict[str, Any]] = []
         for worker in self.workers:
             s = answers.get(worker)
             if isinstance(s, dict):
-                listed.append({"pid": s["pid"], "live": s["sessions"]["live"], "total": s["sessions"]["total"],
-                               "uptime": s["uptime"]})
+                listed.append(
+                    {
+                        "pid": s["pid"],
+                        "live": s["sessions"]["live"],
+                        "total": s["sessions"]["total"],
+                        "uptime": s["uptime"],
+                    }
+                )
             else:
                 why = "restarting" if s is None else str(s) or type(s).__name__
                 listed.append({"pid": worker.pid, "error": why})
@@ -531,8 +543,9 @@ class Master:
             await asyncio.wait(watching, timeout=STOP_TIMEOUT)
         for worker in self.workers:
             if worker.watching is not None and not worker.watching.done() and worker.pid is not None:
-                log.warning("worker %d (pid %d) did not stop within %g s: killed", worker.slot, worker.pid,
-                            STOP_TIMEOUT)
+                log.warning(
+                    "worker %d (pid %d) did not stop within %g s: killed", worker.slot, worker.pid, STOP_TIMEOUT
+                )
                 os.kill(worker.pid, signal.SIGKILL)
                 worker.watching.cancel()
         self.zygote.close()
