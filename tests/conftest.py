@@ -139,6 +139,17 @@ def socks_connect(port: int, host: str, dport: int, timeout: float = 10) -> tupl
     return sock, code, bhost, bport
 
 
+def tunnel(port: int) -> tuple[socket.socket, socket.socket, socket.socket]:
+    """A CONNECT through osocks to a fresh listener: (client side, destination side, listener)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    sock, code, _, _ = socks_connect(port, "127.0.0.1", listener.getsockname()[1])
+    assert code == socks5.ReplyCode.SUCCEEDED
+    conn, _ = listener.accept()
+    return sock, conn, listener
+
+
 def wait_closed(sock: socket.socket, timeout: float = 5) -> bytes:
     """Read until the peer closes; returns what came before."""
     sock.settimeout(timeout)

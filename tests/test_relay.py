@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import EchoServer, ServerThread, recv_exactly, socks_connect, wait_closed
+from conftest import EchoServer, ServerThread, recv_exactly, socks_connect, tunnel, wait_closed
 from osocks import relay, splice
 from osocks.socks5 import ReplyCode
 
@@ -117,12 +117,8 @@ def rst_close(sock: socket.socket) -> None:
 
 @pytest.mark.parametrize("resetting", ["client", "destination"])
 def test_a_reset_closes_the_other_side_promptly(make_server, resetting: str) -> None:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
     server = make_server()
-    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", listener.getsockname()[1])
-    conn, _ = listener.accept()
+    sock, conn, listener = tunnel(server.port)
     reset, other = (sock, conn) if resetting == "client" else (conn, sock)
     rst_close(reset)
     started = time.monotonic()
@@ -136,12 +132,8 @@ def test_a_reset_closes_the_other_side_promptly(make_server, resetting: str) -> 
 @pytest.mark.parametrize("direction", ["upload", "download"])
 def test_back_pressure_bounds_what_osocks_buffers(make_server, direction: str) -> None:
     """A peer that stops reading stops the other side too: osocks holds a bounded amount."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
     server = make_server()
-    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", listener.getsockname()[1])
-    conn, _ = listener.accept()
+    sock, conn, listener = tunnel(server.port)
     writer, reader = (sock, conn) if direction == "upload" else (conn, sock)
     for s in (sock, conn):  # small kernel buffers, so what osocks holds stands out
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
