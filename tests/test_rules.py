@@ -11,7 +11,7 @@ import pytest
 from conftest import EchoServer, socks_connect, wait_closed
 from osocks import netinfo
 from osocks.rules import allowed, parse_rule
-from osocks.settings import SettingsError, parse_rules
+from osocks.settings import SettingsError, parse_networks, parse_rules
 from osocks.socks5 import ReplyCode
 
 ip = ipaddress.ip_address
@@ -94,3 +94,22 @@ def test_local_destinations_denied_by_default(make_server, echo: EchoServer, cap
         assert code == ReplyCode.NOT_ALLOWED, host
     server.wait_for(lambda s: s["sessions"]["live"] == 0)
     assert "is on this host (--allow-local, UCI allow_local, allows it)" in caplog.text
+
+
+def test_client_rules_see_ipv4_clients_of_a_dual_stack_listener(make_server) -> None:
+    """On a listener on ::, an IPv4 client appears as ::ffff:a.b.c.d; IPv4 rules still apply to it."""
+    server = make_server(listen=("::",), client_rules=parse_rules("t", ["deny 127.0.0.1"]))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"\x05\x01\x00")
+        assert wait_closed(sock) == b""
+    assert server.wait_for(lambda s: s["sessions"]["denied"] == 1)["sessions"]["total"] == 0
+
+
+def test_anonymous_networks_see_ipv4_clients_of_a_dual_stack_listener(make_server) -> None:
+    from osocks.settings import User
+
+    server = make_server(listen=("::",), users=(User("u", "p"),), anonymous=parse_networks("t", ["127.0.0.0/8"]))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"\x05\x01\x00")
+        sock.settimeout(5)
+        assert sock.recv(2) == b"\x05\x00"

@@ -130,7 +130,7 @@ class Server:
         counters = self.counters
         settings = self.settings
         if settings.client_rules:
-            address = ipaddress.ip_address(session.client[0])
+            address = netinfo.plain_address(session.client[0])
             if not allowed(settings.client_rules, address):
                 counters.denied += 1
                 log.info("client %s denied by rule", _endpoint(session.client))

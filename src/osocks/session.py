@@ -8,12 +8,11 @@ stream); only the command itself (resolving, connecting) runs as a task.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from typing import TYPE_CHECKING
 
-from . import relay, socks5
+from . import netinfo, relay, socks5
 from .bind import bind
 from .socks5 import Command, Method, ProtocolError, ReplyCode
 from .udp import Association, associate
@@ -135,7 +134,7 @@ class Session(asyncio.Protocol):
     def _anonymous_client(self) -> bool:
         if not self.settings.anonymous:
             return False
-        address = ipaddress.ip_address(self.client[0])
+        address = netinfo.plain_address(self.client[0])
         return any(address in net for net in self.settings.anonymous)
 
     def _authenticate(self, credentials: socks5.Credentials) -> None:
