@@ -51,10 +51,10 @@ def test_bad_rules_are_named(text: str) -> None:
 
 
 def test_local_addresses() -> None:
-    assert netinfo.is_local(ip("127.0.0.5")) and netinfo.is_local(ip("::1")) and netinfo.is_local(ip("0.0.0.0"))
-    assert netinfo.is_local(ip("::ffff:127.0.0.1"))
-    assert all(netinfo.is_local(a) for a in netinfo.local_addresses())
-    assert not netinfo.is_local(ip("198.18.0.1"))
+    for host in ("127.0.0.5", "::1", "0.0.0.0", "::", "::ffff:127.0.0.1"):
+        assert netinfo.is_local_host(host), host
+    assert all(netinfo.is_local_host(str(a)) for a in netinfo.local_addresses())
+    assert not netinfo.is_local_host("198.18.0.1") and not netinfo.is_local_host("2001:db8::1")
 
 
 def test_client_rule_denies_at_once(make_server) -> None:

@@ -65,15 +65,8 @@ def plain_address(host: str) -> Address:
     return address
 
 
-def is_local(address: Address) -> bool:
-    """Loopback, unspecified, or one of this host's own addresses."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback or address.is_unspecified or address in local_addresses()
-
-
 def is_local_host(host: str) -> bool:
-    """is_local for an address in text, without building an ipaddress object (the per-session path)."""
+    """Loopback, unspecified, or one of this host's own addresses (an IP in text; no ipaddress object)."""
     host = host.partition("%")[0]
     try:
         packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)

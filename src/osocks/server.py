@@ -204,9 +204,6 @@ class Server:
         version = 4 if family == socket.AF_INET else 6
         return (source, 0) if ipaddress.ip_address(source).version == version else None
 
-    async def run_command(self, session: Session, request: Any) -> None:
-        session.fail(ReplyCode.COMMAND_NOT_SUPPORTED, f"command {request.command:#04x} not supported")
-
     # -- timeouts: one sweep for all sessions ------------------------------
 
     def _tick(self) -> None:

@@ -11,15 +11,15 @@ header naming their source.  Fragments (FRAG ≠ 0) are reassembled (§7).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import socks5
 from .netinfo import plain_address as _plain
-from .socks5 import ProtocolError
+from .socks5 import AddressType, ProtocolError
 
 if TYPE_CHECKING:
     from .session import Session
@@ -77,24 +77,16 @@ class Reassembly:
         return whole
 
 
-class _ClientSide(asyncio.DatagramProtocol):
-    __slots__ = ("association",)
+class _Datagrams(asyncio.DatagramProtocol):
+    """Hands each datagram of one socket to a method of the association."""
 
-    def __init__(self, association: Association) -> None:
-        self.association = association
+    __slots__ = ("received",)
 
-    def datagram_received(self, data: bytes, addr: tuple) -> None:
-        self.association.from_client(data, addr)
-
-
-class _OutboundSide(asyncio.DatagramProtocol):
-    __slots__ = ("association",)
-
-    def __init__(self, association: Association) -> None:
-        self.association = association
+    def __init__(self, received: Callable[[bytes, tuple], None]) -> None:
+        self.received = received
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
-        self.association.from_destination(data, addr)
+        self.received(data, addr)
 
 
 class Association:
@@ -126,7 +118,9 @@ class Association:
 
     async def open(self, local_host: str) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _ClientSide(self), local_addr=(local_host, 0))
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Datagrams(self.from_client), local_addr=(local_host, 0)
+        )
         self.client_side = transport  # type: ignore[assignment]
         return transport.get_extra_info("sockname")[:2]
 
@@ -153,9 +147,7 @@ class Association:
             payload = whole
         if header.port == 0:
             return
-        try:
-            ipaddress.ip_address(header.host)
-        except ValueError:
+        if header.address_type == AddressType.DOMAIN:
             asyncio.ensure_future(self._send_to_name(header.host, header.port, payload))
             return
         self._send(header.host, header.port, payload)
@@ -206,7 +198,7 @@ class Association:
         try:
             if family not in self.outbound:
                 transport, _ = await loop.create_datagram_endpoint(
-                    lambda: _OutboundSide(self), local_addr=source or wildcard, family=family
+                    lambda: _Datagrams(self.from_destination), local_addr=source or wildcard, family=family
                 )
                 if self.closed:
                     transport.close()
