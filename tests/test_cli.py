@@ -68,6 +68,26 @@ def test_flags_override_a_base() -> None:
     assert (s.port, s.max_sessions) == (3000, 9)
 
 
+@pytest.mark.parametrize(
+    ("args", "config"),
+    [
+        ([], None),
+        (["--uci"], "osocks"),
+        (["--uci", "proxy"], "proxy"),
+        (["--uci=proxy"], "proxy"),
+        (["-c", "proxy"], "proxy"),
+    ],
+)
+def test_uci_config_name(args: list[str], config: str | None) -> None:
+    assert cli.parse([*args, "-p", "1"]).uci == config
+
+
+def test_short_flags_cluster_and_take_attached_values() -> None:
+    s = cli.parse(["-svv", "-p1081", "-l127.0.0.1", "--handshake-timeout=700"]).settings()
+    assert s.syslog and s.verbosity == 2 and s.port == 1081 and s.listen == ("127.0.0.1",)
+    assert s.handshake_timeout == 0.7
+
+
 def test_version_and_help() -> None:
     assert run("-V").stdout == f"osocks {__version__}\n"
     out = run("-h")
@@ -85,6 +105,9 @@ def test_version_and_help() -> None:
         (["-l", "localhost"], "listen: 'localhost' is not an IPv4 or IPv6 address"),
         (["-n", "many"], "'many' is not a whole number"),
         (["extra"], "unexpected argument"),
+        (["-p"], "-p needs a value"),
+        (["--no-s"], "unknown option '--no-s'"),  # no abbreviations: a typo is not another flag
+        (["--allow-local=yes"], "--allow-local takes no value"),
     ],
 )
 def test_bad_flags_print_one_line_and_exit_nonzero(args: list[str], message: str) -> None:

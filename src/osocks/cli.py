@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import getopt
 import sys
 from typing import Any, NoReturn
 
@@ -10,7 +10,6 @@ from . import __version__
 from .settings import (
     DEFAULTS,
     Settings,
-    SettingsError,
     parse_networks,
     parse_rules,
     parse_user,
@@ -42,7 +41,7 @@ Usage: osocks [-l addr] [-p port] [-n num] [-I idle-timeout] [-T connect-timeout
   --external ADDR             address announced in BIND replies
   -i IFACE                    listen on the addresses of OpenWrt interface IFACE (repeatable)
   --no-splice                 copy bytes in Python instead of splice(2)
-  --uci [CONFIG] / -c CONFIG  read /etc/config/CONFIG (osocks) first; flags override it
+  --uci[=CONFIG] / -c CONFIG  read /etc/config/CONFIG (osocks) first; flags override it
   --no-uci                    do not read UCI (the default where UCI is not installed)
   --uci-dir DIR               where UCI configs are (/etc/config)
   --ubus-socket PATH          the ubusd socket (libubus' default)
@@ -53,18 +52,13 @@ class UsageError(Exception):
     """A bad flag or value: one line for the user, exit 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-
 def _milliseconds(text: str) -> float:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of milliseconds") from None
+        raise UsageError(f"{text!r} is not a whole number of milliseconds") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 ms")
+        raise UsageError(f"{text!r} must be more than 0 ms")
     return value / 1000
 
 
@@ -72,52 +66,83 @@ def _count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        raise UsageError(f"{text!r} is not a whole number") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+        raise UsageError(f"{text!r} must be 0 or more")
     return value
 
 
 def _port(text: str) -> int:
     value = _count(text)
     if value > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+        raise UsageError(f"{text!r} is not a port number (0-65535)")
     return value
 
 
-def _parser() -> _Parser:
-    p = _Parser(prog="osocks", add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
-    p.add_argument("-l", dest="listen", action="append", metavar="addr")
-    p.add_argument("-p", dest="port", type=_port)
-    p.add_argument("-n", dest="max_sessions", type=_count)
-    p.add_argument("-T", dest="connect_timeout", type=_milliseconds)
-    p.add_argument("-I", dest="idle_timeout", type=_milliseconds)
-    p.add_argument("--handshake-timeout", dest="handshake_timeout", type=_milliseconds)
-    p.add_argument("--bind-timeout", dest="bind_timeout", type=_milliseconds)
-    p.add_argument("-4", dest="family", action="store_const", const="ipv4")
-    p.add_argument("-6", dest="family", action="store_const", const="ipv6")
-    p.add_argument("-s", dest="syslog", action="store_true")
-    p.add_argument("-v", dest="louder", action="count")
-    p.add_argument("-q", dest="quieter", action="count")
-    p.add_argument("-V", "--version", dest="version", action="store_true")
-    p.add_argument("-h", "--help", dest="help", action="store_true")
-    p.add_argument("-w", dest="workers", type=_count)
-    p.add_argument("-u", dest="user", action="append")
-    p.add_argument("-U", dest="user_file", action="append")
-    p.add_argument("--anonymous", action="append")
-    p.add_argument("--client-rule", dest="client_rule", action="append")
-    p.add_argument("--dest-rule", dest="dest_rule", action="append")
-    p.add_argument("--allow-local", dest="allow_local", action="store_true")
-    p.add_argument("-b", dest="bind_address")
-    p.add_argument("--external", dest="external_address")
-    p.add_argument("-i", dest="interface", action="append")
-    p.add_argument("--no-splice", dest="splice", action="store_false")
-    p.add_argument("--uci", nargs="?", const="osocks")
-    p.add_argument("-c", dest="uci")
-    p.add_argument("--no-uci", dest="no_uci", action="store_true")
-    p.add_argument("--uci-dir", dest="uci_dir")
-    p.add_argument("--ubus-socket", dest="ubus_socket")
-    return p
+# flag -> (key in Command.given, what the flag does). getopt rather than argparse:
+# argparse and what it imports cost 1 MB of a router's RAM for the whole run.
+_APPEND, _SET, _COUNT = "append", "set", "count"
+_OPTIONS: dict[str, tuple[str, str, Any]] = {
+    "-l": ("listen", _APPEND, str),
+    "-p": ("port", _SET, _port),
+    "-n": ("max_sessions", _SET, _count),
+    "-T": ("connect_timeout", _SET, _milliseconds),
+    "-I": ("idle_timeout", _SET, _milliseconds),
+    "--handshake-timeout": ("handshake_timeout", _SET, _milliseconds),
+    "--bind-timeout": ("bind_timeout", _SET, _milliseconds),
+    "-4": ("family", _SET, "ipv4"),
+    "-6": ("family", _SET, "ipv6"),
+    "-s": ("syslog", _SET, True),
+    "-v": ("louder", _COUNT, None),
+    "-q": ("quieter", _COUNT, None),
+    "-V": ("version", _SET, True),
+    "--version": ("version", _SET, True),
+    "-h": ("help", _SET, True),
+    "--help": ("help", _SET, True),
+    "-w": ("workers", _SET, _count),
+    "-u": ("user", _APPEND, str),
+    "-U": ("user_file", _APPEND, str),
+    "--anonymous": ("anonymous", _APPEND, str),
+    "--client-rule": ("client_rule", _APPEND, str),
+    "--dest-rule": ("dest_rule", _APPEND, str),
+    "--allow-local": ("allow_local", _SET, True),
+    "-b": ("bind_address", _SET, str),
+    "--external": ("external_address", _SET, str),
+    "-i": ("interface", _APPEND, str),
+    "--no-splice": ("splice", _SET, False),
+    "--uci": ("uci", _SET, "osocks"),
+    "-c": ("uci", _SET, str),
+    "--no-uci": ("no_uci", _SET, True),
+    "--uci-dir": ("uci_dir", _SET, str),
+    "--ubus-socket": ("ubus_socket", _SET, str),
+}
+_TAKES_VALUE = {flag for flag, (_, _, value) in _OPTIONS.items() if callable(value)}
+_SHORT = "".join(flag[1] + (":" if flag in _TAKES_VALUE else "") for flag in _OPTIONS if not flag.startswith("--"))
+_LONG = [flag[2:] + ("=" if flag in _TAKES_VALUE else "") for flag in _OPTIONS if flag.startswith("--")]
+
+
+def _spell_out_uci(argv: list[str]) -> list[str]:
+    """`--uci NAME` and `--uci=NAME` as `-c NAME`: getopt has no optional values."""
+    out: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word.startswith("--uci="):
+            out += ["-c", word[len("--uci=") :]]
+        elif word == "--uci" and (following := next(words, None)) is not None:
+            out += ["-c", following] if not following.startswith("-") else [word, following]
+        else:
+            out.append(word)
+    return out
+
+
+def _exact_long_flags(argv: list[str]) -> None:
+    """getopt accepts any unique prefix of a long flag; a typo should not be a different flag."""
+    for word in argv:
+        if word == "--":
+            return
+        flag = word.partition("=")[0]
+        if flag.startswith("--") and flag != "--" and flag not in _OPTIONS:
+            raise UsageError(f"unknown option {flag!r}")
 
 
 class Command:
@@ -178,14 +203,39 @@ class Command:
 
 def parse(argv: list[str]) -> Command:
     """argv (without the program name) → Command; raises UsageError."""
+    argv = _spell_out_uci(argv)
+    _exact_long_flags(argv)
     try:
-        namespace, extra = _parser().parse_known_args(argv)
-    except SettingsError as e:
-        raise UsageError(str(e)) from None
+        pairs, extra = getopt.getopt(argv, _SHORT, _LONG)
+    except getopt.GetoptError as e:
+        raise UsageError(_getopt_message(e)) from None
     if extra:
-        kind = "unknown option" if extra[0].startswith("-") else "unexpected argument"
-        raise UsageError(f"{kind} {extra[0]!r}")
-    return Command(vars(namespace))
+        raise UsageError(f"unexpected argument {extra[0]!r}")
+    given: dict[str, Any] = {}
+    for flag, text in pairs:
+        key, action, value = _OPTIONS[flag]
+        if action == _COUNT:
+            given[key] = given.get(key, 0) + 1
+            continue
+        if flag in _TAKES_VALUE:
+            try:
+                value = value(text)
+            except UsageError as e:
+                raise UsageError(f"{flag}: {e}") from None
+        if action == _APPEND:
+            given.setdefault(key, []).append(value)
+        else:
+            given[key] = value
+    return Command(given)
+
+
+def _getopt_message(error: getopt.GetoptError) -> str:
+    flag = ("-" if len(error.opt) == 1 else "--") + error.opt
+    if "requires argument" in error.msg:
+        return f"{flag} needs a value"
+    if "must not have an argument" in error.msg:
+        return f"{flag} takes no value"
+    return f"unknown option {flag!r}"
 
 
 def usage() -> str:
