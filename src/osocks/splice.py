@@ -11,9 +11,10 @@ Back-pressure: at most one pipe (64 KiB) is in flight; when the destination
 cannot take more, the source is no longer read until the pipe drains.
 Fairness: one splice in and one drain per readiness event, of a size that
 shrinks as more directions splice at once (TURN_BUDGET), so that a turn of
-the event loop stays short and a small exchange is not kept waiting.  Half-close and resets behave as in the
-copying relay: source EOF becomes `write_eof` on the destination once the
-pipe is empty; an error aborts both sides.
+the event loop stays short; and that work runs after the turn's other I/O
+callbacks, so a small exchange is not kept waiting behind it.  Half-close and
+resets behave as in the copying relay: source EOF becomes `write_eof` on the
+destination once the pipe is empty; an error aborts both sides.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
 class Splicer:
-    __slots__ = ("end", "loop", "src", "dst", "pipe_r", "pipe_w", "pending", "source_done", "watching")
+    __slots__ = ("end", "loop", "src", "dst", "pipe_r", "pipe_w", "pending", "source_done", "watching", "queued")
 
     def __init__(self, end: RelayEnd, loop: asyncio.AbstractEventLoop) -> None:
         self.end = end
@@ -62,6 +63,7 @@ class Splicer:
         self.pending = 0  # bytes in the pipe
         self.source_done = False
         self.watching = ""  # "read" (the source) or "write" (the destination)
+        self.queued = False
         self._watch("read")
         global _active
         _active += 1
@@ -78,6 +80,16 @@ class Splicer:
         self.watching = what
 
     def _readable(self) -> None:
+        # Splice after this turn's other I/O callbacks: a small exchange that is ready now
+        # is relayed before the bulk work, not behind up to TURN_BUDGET of it.
+        if not self.queued:
+            self.queued = True
+            self.loop.call_soon(self._splice_in)
+
+    def _splice_in(self) -> None:
+        self.queued = False
+        if self.watching != "read":  # closed, or waiting for the destination, meanwhile
+            return
         try:
             moved = os.splice(self.src, self.pipe_w, chunk_size(), flags=_FLAGS)
         except BlockingIOError:
