@@ -66,3 +66,16 @@ def test_smoke_run_measures_osocks(tmp_path: Path) -> None:
         assert NUMBER.fullmatch(osocks[row]), f"{row}: {osocks[row]}"
     scenarios = {"bulk", "sessions", "memory"} | ({"fairness"} if with_curl else set())
     assert set(json.loads(results.read_text())["servers"]["osocks"]) >= scenarios
+
+
+def test_relay_design_comparison_runs() -> None:
+    finished = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "relay_designs.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    for design in ("protocol", "buffered", "streams", "osocks --no-splice"):
+        cpu_per_session = table_column(finished.stdout, "CPU µs per session")[design]
+        assert NUMBER.fullmatch(cpu_per_session), finished.stdout
