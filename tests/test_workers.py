@@ -145,20 +145,27 @@ def test_sigterm_stops_every_worker_and_exits_zero(run_osocks, echo: EchoServer)
     assert "Traceback" not in "".join(server.lines)
 
 
-def test_a_killed_worker_is_restarted(run_osocks, echo: EchoServer) -> None:
+def test_a_killed_worker_is_restarted_and_its_counts_kept(run_osocks, echo: EchoServer) -> None:
     server = run_osocks(*WORKERS)
-    before = status_of(server)["workers"]
-    victim = before[0]["pid"]
-    os.kill(victim, signal.SIGKILL)  # a child of the osocks this test started
+    echo_sessions(server.port, echo, [10] * 12)
+    before = wait_status(server, lambda s: s["sessions"]["live"] == 0)
+    victim = max(before["workers"], key=lambda w: w["total"])
+    assert victim["total"] > 0
+    os.kill(victim["pid"], signal.SIGKILL)  # a child of the osocks this test started
     status = wait_status(server, lambda s: s["worker_restarts"] == 1 and all("total" in w for w in s["workers"]))
     pids = {w["pid"] for w in status["workers"]}
-    assert victim not in pids and before[1]["pid"] in pids and len(pids) == 2
+    assert victim["pid"] not in pids and len(pids) == 2
     assert zygote_and_workers(server.proc.pid)[1] == pids
+    # what the dead worker counted is still in the totals (shared memory, not its answers)
+    assert status["sessions"]["total"] == 12 and status["replies"]["succeeded"] == 12
+    assert status["bytes"] == {"up": 120, "down": 120}
     echo_sessions(server.port, echo, [10] * 20)
     status = wait_status(server, lambda s: s["sessions"]["live"] == 0)
-    assert status["sessions"]["total"] == 20 and all(w["total"] > 0 for w in status["workers"])
-    assert any(f"worker pid {victim} was killed by signal 9" in line for line in server.lines)
-    assert any(f"(pid {victim}) ended after" in line for line in server.lines)
+    assert status["sessions"]["total"] == 32 and status["bytes"] == {"up": 320, "down": 320}
+    assert sum(w["total"] for w in status["workers"]) == 32 - victim["total"]
+    assert all(w["total"] > 0 for w in status["workers"])
+    assert any(f"worker pid {victim['pid']} was killed by signal 9" in line for line in server.lines)
+    assert any(f"(pid {victim['pid']}) ended after" in line for line in server.lines)
 
 
 def test_workers_restart_when_the_zygote_is_gone(run_osocks, echo: EchoServer) -> None:

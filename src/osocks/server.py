@@ -29,33 +29,76 @@ class ListenError(Exception):
     """A listening socket could not be opened; the message says which and why."""
 
 
-class Counters:
-    __slots__ = (
-        "started",
-        "total",
-        "peak",
-        "refused",
-        "denied",
-        "auth_failures",
-        "replies",
-        "bytes_up",
-        "bytes_down",
-        "udp_associations",
-        "udp_datagrams",
-        "udp_bytes",
-        "spliced",
-    )
+COUNTED = (
+    "total",
+    "peak",
+    "refused",
+    "denied",
+    "auth_failures",
+    "bytes_up",  # of finished sessions; live ones are added in status()
+    "bytes_down",
+    "udp_associations",
+    "udp_datagrams",
+    "udp_bytes",
+    "spliced",  # directions of finished sessions that moved to splice(2)
+)
+_REPLIES = len(COUNTED)  # then one count per reply code
+COUNTERS_BYTES = 8 * (_REPLIES + len(ReplyCode))
 
-    def __init__(self) -> None:
+
+def _counted(index: int) -> Any:
+    def get(self: Counters) -> int:
+        return self.values[index]
+
+    def set_(self: Counters, value: int) -> None:
+        self.values[index] = value
+
+    return property(get, set_)
+
+
+def counted_figures(c: Counters, live: int = 0, live_up: int = 0, live_down: int = 0) -> dict[str, Any]:
+    """The counters as the status shows them, with the live sessions and the bytes they moved so far."""
+    return {
+        "sessions": {"live": live, "total": c.total, "peak": c.peak, "refused": c.refused, "denied": c.denied},
+        "auth_failures": c.auth_failures,
+        "replies": dict(zip((code.name.lower() for code in ReplyCode), c.replies, strict=True)),
+        "bytes": {"up": c.bytes_up + live_up, "down": c.bytes_down + live_down},
+        "udp": {"associations": c.udp_associations, "datagrams": c.udp_datagrams, "bytes": c.udp_bytes},
+        "spliced": c.spliced,
+    }
+
+
+class Counters:
+    """Every number osocks counts, as 64-bit integers in `memory`: a buffer of its own, or
+    in a worker process its slot of memory shared with the master, which so keeps the
+    counts of a worker that dies (workers.py)."""
+
+    __slots__ = ("started", "values")
+    total = _counted(0)
+    peak = _counted(1)
+    refused = _counted(2)
+    denied = _counted(3)
+    auth_failures = _counted(4)
+    bytes_up = _counted(5)
+    bytes_down = _counted(6)
+    udp_associations = _counted(7)
+    udp_datagrams = _counted(8)
+    udp_bytes = _counted(9)
+    spliced = _counted(10)
+
+    def __init__(self, memory: Any = None) -> None:
         self.started = time.monotonic()
-        self.total = self.peak = self.refused = self.denied = self.auth_failures = 0
-        self.replies = [0] * len(ReplyCode)
-        self.bytes_up = self.bytes_down = 0  # of finished sessions; live ones are added in status()
-        self.udp_associations = self.udp_datagrams = self.udp_bytes = 0
-        self.spliced = 0  # directions of finished sessions that moved to splice(2)
+        self.values = memoryview(bytearray(COUNTERS_BYTES) if memory is None else memory).cast("q")
 
     def replied(self, code: ReplyCode) -> None:
-        self.replies[code] += 1
+        self.values[_REPLIES + code] += 1
+
+    @property
+    def replies(self) -> list[int]:
+        return self.values[_REPLIES : _REPLIES + len(ReplyCode)].tolist()
+
+    def clear(self) -> None:
+        self.values[:] = memoryview(bytes(COUNTERS_BYTES)).cast("q")
 
 
 async def system_resolver(host: str, port: int, family: int) -> list[tuple[int, tuple]]:
@@ -64,11 +107,17 @@ async def system_resolver(host: str, port: int, family: int) -> list[tuple[int, 
 
 
 class Server:
-    def __init__(self, settings: Settings, resolver: Resolver = system_resolver, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        resolver: Resolver = system_resolver,
+        reuse_port: bool = False,
+        counters: Counters | None = None,
+    ) -> None:
         self.settings = settings
         self.resolver = resolver
         self.reuse_port = reuse_port  # SO_REUSEPORT: worker processes each listen on the same port
-        self.counters = Counters()
+        self.counters = counters or Counters()
         self.live: set[Session] = set()
         self.listeners: dict[tuple[str, int], asyncio.Server] = {}
         self.interface_addresses: dict[str, list[str]] = {}  # OpenWrt interface → its addresses
@@ -231,7 +280,7 @@ class Server:
 
     def status(self) -> dict[str, Any]:
         c = self.counters
-        up, down = c.bytes_up, c.bytes_down
+        up = down = 0
         for session in self.live:
             u, d = session.bytes_moved()
             up += u
@@ -242,18 +291,7 @@ class Server:
             "uptime": round(time.monotonic() - c.started, 3),
             "listeners": [_endpoint(address) for address in self.bound_addresses()],
             "interfaces": self.interface_addresses,
-            "sessions": {
-                "live": len(self.live),
-                "total": c.total,
-                "peak": c.peak,
-                "refused": c.refused,
-                "denied": c.denied,
-            },
-            "auth_failures": c.auth_failures,
-            "replies": {code.name.lower(): c.replies[code] for code in ReplyCode},
-            "bytes": {"up": up, "down": down},
-            "udp": {"associations": c.udp_associations, "datagrams": c.udp_datagrams, "bytes": c.udp_bytes},
-            "spliced": c.spliced,
+            **counted_figures(c, len(self.live), up, down),
             "settings": self.settings.public(),
         }
 

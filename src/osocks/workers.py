@@ -56,9 +56,13 @@ that closes while osocks runs is a worker that died: the slot gets a new one
 after a back-off (0.1 s, doubled up to 10 s while workers keep dying young),
 counted in `worker_restarts`.
 
-Status: counters are the sums over the workers (a worker that died took its
-counters with it); `sessions.peak` is the sum of the workers' peaks, an upper
-bound on the peak of the total; listeners are the union; `workers` lists each
+Status: counters are the sums over the workers.  Each worker counts into its
+own page of a memfd the master shares with it (passed with its channel), so
+the counts of a worker that dies, even by SIGKILL, stay in the totals: the
+master adds its page to `retired` once the channel closes, then clears it for
+the next worker in the slot (bytes of sessions the dead worker still had open
+are lost with them).  `sessions.peak` is the sum of the running workers'
+peaks, an upper bound on the peak of the total; listeners are the union; `workers` lists each
 worker (pid, live, total, uptime; or the error when it did not answer); `pid` is
 the master's.  Reload: the master reads and checks the settings and binds any new
 address first, then every worker applies them; a failure in any worker undoes
@@ -72,6 +76,7 @@ import contextlib
 import gc
 import itertools
 import logging
+import mmap
 import os
 import pickle
 import signal
@@ -83,7 +88,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from . import __version__
-from .server import ListenError, Server, listening_socket
+from .server import COUNTERS_BYTES, Counters, ListenError, Server, counted_figures, listening_socket
 from .session import _endpoint
 from .settings import Settings, SettingsError
 
@@ -99,6 +104,7 @@ FORK_TIMEOUT = 5.0  # for the zygote to answer with a pid
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 10.0  # seconds before a restart
 STABLE = 10.0  # a worker that ran this long died of something new: back to BACKOFF_FIRST
 NOT_SUMMED = ("version", "pid", "uptime", "listeners", "interfaces", "settings")
+SLOT_BYTES = max(mmap.PAGESIZE, COUNTERS_BYTES)  # a worker's counters; mmap offsets are whole pages
 
 
 def count(settings: Settings) -> int:
@@ -164,9 +170,10 @@ class Zygote:
             )
         return cls(ours, process.pid)
 
-    def fork_worker(self, channel: socket.socket, settings: Settings) -> int:
-        """A new worker with channel (the worker's end of its socketpair); its pid.  OSError: no zygote."""
-        socket.send_fds(self.channel, [pickle.dumps(settings)], [channel.fileno()])
+    def fork_worker(self, channel: socket.socket, counters_fd: int, settings: Settings) -> int:
+        """A new worker with channel (the worker's end of its socketpair) and the shared counters' file;
+        its pid.  OSError: no zygote."""
+        socket.send_fds(self.channel, [pickle.dumps(settings)], [channel.fileno(), counters_fd])
         answer = self.channel.recv(8)
         if len(answer) != 8:
             raise ConnectionError("the zygote is gone")
@@ -194,7 +201,7 @@ def _zygote(channel: socket.socket) -> int:
     logging_set_for = b""
     while True:
         try:
-            data, fds, _, _ = socket.recv_fds(channel, 1 << 16, 1)
+            data, fds, _, _ = socket.recv_fds(channel, 1 << 16, 2)
         except OSError:
             return 1
         if not data:
@@ -211,10 +218,11 @@ def _zygote(channel: socket.socket) -> int:
             try:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 channel.close()
-                status = worker_main(fds[0])
+                status = worker_main(*fds)
             finally:
                 os._exit(status)
-        os.close(fds[0])
+        for fd in fds:
+            os.close(fd)
         channel.sendall(pid.to_bytes(8, "big"))
 
 
@@ -258,6 +266,11 @@ class Master:
         self.zygote = zygote
         self.interface_addresses: dict[str, list[str]] = {}
         self.workers = [Worker(slot) for slot in range(count(settings))]
+        # each worker counts into its slot here; the counts of a worker that ended go to `retired`
+        self.counters_fd = os.memfd_create("osocks-counters")
+        os.ftruncate(self.counters_fd, SLOT_BYTES * len(self.workers))
+        self.counters_memory = mmap.mmap(self.counters_fd, SLOT_BYTES * len(self.workers))
+        self.retired = Counters()
         self.reserved: dict[Address, socket.socket] = {}
         self.chosen_port = 0  # the real port, when the configured one is 0
         self.restarts = 0
@@ -363,7 +376,9 @@ class Master:
         worker.started = time.monotonic()
         worker.watching = self._task(self._watch(worker, reader))
         try:
-            await self._ask(worker, "start", self.settings, self.interface_addresses, timeout=START_TIMEOUT)
+            await self._ask(
+                worker, "start", self.settings, self.interface_addresses, worker.slot, timeout=START_TIMEOUT
+            )
         except BaseException as e:
             worker.writer.close()  # the worker exits; its watcher takes over
             if isinstance(e, TimeoutError):
@@ -375,12 +390,25 @@ class Master:
         if self.stopping:
             raise WorkerGone("osocks is stopping")
         try:
-            return self.zygote.fork_worker(channel, self.settings)
+            return self.zygote.fork_worker(channel, self.counters_fd, self.settings)
         except OSError as e:
             log.warning("the zygote (pid %d) is gone (%s): starting a new one", self.zygote.pid, e)
         self.zygote.close()
         self.zygote = Zygote.exec()
-        return self.zygote.fork_worker(channel, self.settings)
+        return self.zygote.fork_worker(channel, self.counters_fd, self.settings)
+
+    def _slot(self, worker: Worker) -> Counters:
+        offset = worker.slot * SLOT_BYTES
+        return Counters(memoryview(self.counters_memory)[offset : offset + COUNTERS_BYTES])
+
+    def _retire_counts(self, worker: Worker) -> None:
+        """The worker has ended (its channel closed when its process did): keep what it counted."""
+        slot = self._slot(worker)
+        retired = self.retired.values
+        for index, value in enumerate(slot.values):
+            retired[index] += value
+        self.retired.peak = 0  # a peak is of live sessions: only the running workers' count
+        slot.clear()
 
     async def _watch(self, worker: Worker, reader: asyncio.StreamReader) -> None:
         """Hand each answer to the request waiting for it.  The channel closes when the worker ends:
@@ -405,6 +433,7 @@ class Master:
             pending.clear()
             if writer is not None:
                 writer.close()
+            self._retire_counts(worker)
         if self.stopping or not self.serving:
             return
         ran = time.monotonic() - worker.started
@@ -460,7 +489,7 @@ class Master:
         workers = [w for w in self.workers if w.ready]
         answers = dict(zip(workers, await self._ask_all(workers, "status"), strict=True))
         statuses = [a for a in answers.values() if isinstance(a, dict)]
-        merged = merge_statuses(statuses)
+        merged = merge_statuses([*statuses, counted_figures(self.retired)])
         merged.update(
             version=__version__,
             pid=os.getpid(),
@@ -552,6 +581,7 @@ class Master:
         for sock in self.reserved.values():
             sock.close()
         self.reserved.clear()
+        os.close(self.counters_fd)
         self.closed.set()
 
 
@@ -592,27 +622,29 @@ def _add(total: Any, value: Any) -> Any:
 # -- a worker --------------------------------------------------------------------------------------
 
 
-def worker_main(fd: int) -> int:
+def worker_main(fd: int, counters_fd: int) -> int:
     """A worker, in a process the zygote just forked: serve until the channel fd closes or SIGTERM."""
     from .__main__ import new_event_loop
 
     loop = new_event_loop()
     try:
-        return loop.run_until_complete(_work(socket.socket(fileno=fd)))
+        return loop.run_until_complete(_work(socket.socket(fileno=fd), counters_fd))
     finally:
         loop.close()
 
 
-async def _work(channel: socket.socket) -> int:
+async def _work(channel: socket.socket, counters_fd: int) -> int:
     from .__main__ import setup_logging
 
     reader, writer = await asyncio.open_unix_connection(sock=channel)
     try:
-        seq, _, (settings, interface_addresses) = await _receive(reader)
+        seq, _, (settings, interface_addresses, slot) = await _receive(reader)
     except (asyncio.IncompleteReadError, ConnectionError):
         return 1  # the master went away before it said what to do
     setup_logging(settings)
-    server = Server(settings, reuse_port=True)
+    counters_memory = mmap.mmap(counters_fd, SLOT_BYTES, offset=slot * SLOT_BYTES)
+    os.close(counters_fd)
+    server = Server(settings, reuse_port=True, counters=Counters(counters_memory))
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.close)
     try:
         await server.start(interface_addresses)
