@@ -168,6 +168,24 @@ def test_a_killed_worker_is_restarted_and_its_counts_kept(run_osocks, echo: Echo
     assert any(f"(pid {victim['pid']}) ended after" in line for line in server.lines)
 
 
+def test_a_worker_that_stops_answering_is_killed_and_replaced(run_osocks, echo: EchoServer, tmp_path: Path) -> None:
+    # the master's health check, in short: a check each 0.2 s, killed after 2 unanswered ones
+    (tmp_path / "sitecustomize.py").write_text(
+        "import osocks.workers as w\nw.CHECK_INTERVAL = 0.2\nw.HUNG_AFTER = 2\nw.ANSWER_TIMEOUT = 0.3\n"
+    )
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{ROOT / 'src'}")
+    server = run_osocks(*WORKERS, env=env)
+    echo_sessions(server.port, echo, [10] * 8)
+    victim = wait_status(server, lambda s: s["sessions"]["live"] == 0)["workers"][0]["pid"]
+    os.kill(victim, signal.SIGSTOP)  # alive, but answers nothing: as a worker stuck in a loop
+    status = wait_status(server, lambda s: s["worker_restarts"] == 1 and all("total" in w for w in s["workers"]))
+    assert victim not in {w["pid"] for w in status["workers"]}
+    wait_gone([victim])
+    assert status["sessions"]["total"] == 8  # its counts stay
+    assert any(f"(pid {victim}) stopped answering: killing it" in line for line in server.lines)
+    echo_sessions(server.port, echo, [10] * 8)
+
+
 def test_workers_restart_when_the_zygote_is_gone(run_osocks, echo: EchoServer) -> None:
     server = run_osocks(*WORKERS)
     zygote, pids = zygote_and_workers(server.proc.pid)

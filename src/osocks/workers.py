@@ -54,7 +54,9 @@ stopping, or gone, even by SIGKILL: no worker outlives it) or on SIGTERM;
 SIGINT, SIGHUP and SIGUSR1 are the master's, the others ignore them.  A channel
 that closes while osocks runs is a worker that died: the slot gets a new one
 after a back-off (0.1 s, doubled up to 10 s while workers keep dying young),
-counted in `worker_restarts`.
+counted in `worker_restarts`.  A worker that is alive but does not answer the
+master's check (a "ping" every CHECK_INTERVAL) HUNG_AFTER times in a row is
+killed, and so restarted the same way.
 
 Status: counters are the sums over the workers.  Each worker counts into its
 own page of a memfd the master shares with it (passed with its channel), so
@@ -102,6 +104,8 @@ RELOAD_TIMEOUT = 8.0  # (ubus waits 10 s)
 STOP_TIMEOUT = 5.0  # for workers to close their sessions and exit, before SIGKILL
 FORK_TIMEOUT = 5.0  # for the zygote to answer with a pid
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 10.0  # seconds before a restart
+CHECK_INTERVAL = 5.0  # seconds between the master's checks that every worker still answers
+HUNG_AFTER = 3  # checks in a row a worker leaves unanswered: it is killed, then restarted
 STABLE = 10.0  # a worker that ran this long died of something new: back to BACKOFF_FIRST
 NOT_SUMMED = ("version", "pid", "uptime", "listeners", "interfaces", "settings")
 SLOT_BYTES = max(mmap.PAGESIZE, COUNTERS_BYTES)  # a worker's counters; mmap offsets are whole pages
@@ -254,6 +258,7 @@ class Worker:
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.ready = False  # started, and answering
         self.started = 0.0
+        self.unanswered = 0  # health checks in a row without an answer
         self.backoff = 0.0
         self.restart: asyncio.TimerHandle | None = None
 
@@ -281,6 +286,7 @@ class Master:
         self._lock = asyncio.Lock()  # a reload, or a worker starting: one at a time
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.checking: asyncio.Task[None] | None = None
 
     def _task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
@@ -360,6 +366,7 @@ class Master:
                 raise ListenError(f"a worker did not start: {e or type(e).__name__}") from None
             raise
         self.serving = True
+        self.checking = self._task(self._check_workers())
         log.info("%d worker processes: %s", len(self.workers), ", ".join(str(w.pid) for w in self.workers))
 
     async def _spawn(self, worker: Worker) -> None:
@@ -442,6 +449,22 @@ class Master:
             "worker %d (pid %s) ended after %.1f s; restarting it in %.1f s", worker.slot, pid, ran, worker.backoff
         )
         self._schedule_restart(worker)
+
+    async def _check_workers(self) -> None:
+        """A worker that stops answering (a loop stuck in a bug, a stopped process) is killed: its
+        watcher then restarts the slot, as for any worker that dies."""
+        while not self.stopping:
+            await asyncio.sleep(CHECK_INTERVAL)
+            workers = [w for w in self.workers if w.ready]
+            for worker, answer in zip(workers, await self._ask_all(workers, "ping"), strict=True):
+                if not isinstance(answer, TimeoutError):
+                    worker.unanswered = 0
+                    continue
+                worker.unanswered += 1
+                if worker.unanswered >= HUNG_AFTER and worker.ready and worker.pid is not None:
+                    log.error("worker %d (pid %d) stopped answering: killing it", worker.slot, worker.pid)
+                    worker.unanswered = 0
+                    os.kill(worker.pid, signal.SIGKILL)
 
     def _schedule_restart(self, worker: Worker) -> None:
         worker.restart = asyncio.get_running_loop().call_later(
@@ -559,6 +582,8 @@ class Master:
         if self.stopping:
             return
         self.stopping = True
+        if self.checking is not None:
+            self.checking.cancel()
         for worker in self.workers:
             if worker.restart is not None:
                 worker.restart.cancel()
@@ -665,8 +690,10 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, se
         while True:
             seq, op, args = await _receive(reader)
             try:
-                if op == "status":
-                    value: Any = server.status()
+                if op == "ping":
+                    value: Any = None
+                elif op == "status":
+                    value = server.status()
                 elif op == "sessions":
                     value = server.sessions()
                 elif op == "reload":
