@@ -46,7 +46,9 @@ _REPLIES = len(COUNTED)  # then one count per reply code
 COUNTERS_BYTES = 8 * (_REPLIES + len(ReplyCode))
 
 
-def _counted(index: int) -> Any:
+def _counted(name: str) -> Any:
+    index = COUNTED.index(name)
+
     def get(self: Counters) -> int:
         return self.values[index]
 
@@ -69,22 +71,22 @@ def counted_figures(c: Counters, live: int = 0, live_up: int = 0, live_down: int
 
 
 class Counters:
-    """Every number osocks counts, as 64-bit integers in `memory`: a buffer of its own, or
+    """Every number osocks counts, as 64-bit integers in `values`: a buffer of its own, or
     in a worker process its slot of memory shared with the master, which so keeps the
     counts of a worker that dies (workers.py)."""
 
     __slots__ = ("started", "values")
-    total = _counted(0)
-    peak = _counted(1)
-    refused = _counted(2)
-    denied = _counted(3)
-    auth_failures = _counted(4)
-    bytes_up = _counted(5)
-    bytes_down = _counted(6)
-    udp_associations = _counted(7)
-    udp_datagrams = _counted(8)
-    udp_bytes = _counted(9)
-    spliced = _counted(10)
+    total = _counted("total")
+    peak = _counted("peak")
+    refused = _counted("refused")
+    denied = _counted("denied")
+    auth_failures = _counted("auth_failures")
+    bytes_up = _counted("bytes_up")
+    bytes_down = _counted("bytes_down")
+    udp_associations = _counted("udp_associations")
+    udp_datagrams = _counted("udp_datagrams")
+    udp_bytes = _counted("udp_bytes")
+    spliced = _counted("spliced")
 
     def __init__(self, memory: Any = None) -> None:
         self.started = time.monotonic()
