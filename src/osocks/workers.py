@@ -41,12 +41,13 @@ runs each; its client, nginx and osocks share the 2 cores):
   cores run out, not osocks.  Bulk throughput of one stream stays the same.
 
 The channels.  Master → zygote: a SOCK_SEQPACKET message, the pickled settings
-(for its logging) with the worker's end of a new socketpair as SCM_RIGHTS; the
-answer is the new pid.  The zygote logs how each worker ended.  Master ↔ worker:
+(for its logging) with the worker's end of a new socketpair and the counters'
+memfd as SCM_RIGHTS; the answer is the new pid.  The zygote logs how each worker ended.  Master ↔ worker:
 length-prefixed pickles (a private channel between a process and its own
 descendants):
 
-    master → worker   (seq, op, args)   op: "start" (first, once), "status", "sessions", "reload"
+    master → worker   (seq, op, args)   op: "start" (first, once: settings, interfaces, counters
+                                        slot), "ping", "status", "sessions", "reload"
     worker → master   (seq, ok, value)  value: the answer, or the exception when not ok
 
 A worker stops, closing its sessions, when its channel closes (the master
