@@ -392,6 +392,7 @@ class Master:
             if isinstance(e, TimeoutError):
                 os.kill(worker.pid, signal.SIGKILL)  # it does not even read
             raise
+        worker.unanswered = 0  # a new process: the old one's missed checks are not its own
         worker.ready = True
 
     def _fork_worker(self, channel: socket.socket) -> int:
