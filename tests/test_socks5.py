@@ -15,7 +15,9 @@ from osocks.socks5 import AddressType, Command, ProtocolError, ReplyCode
 
 hosts = st.one_of(
     st.ip_addresses().map(str),
-    st.text("abcdefghijklmnopqrstuvwxyz0123456789-.", min_size=1, max_size=255),
+    st.lists(st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=63), min_size=1, max_size=4)
+    .map(".".join)
+    .filter(lambda name: len(name) < 256),
 )
 ports = st.integers(0, 65535)
 
@@ -80,6 +82,19 @@ def test_request_types() -> None:
     assert six is not None and six[0].host == "::1" and six[0].port == 443
     name = socks5.parse_request(b"\x05\x01\x00\x03\x0bexample.com\x00\x50")
     assert name is not None and name[0].host == "example.com"
+
+
+@pytest.mark.parametrize("name", [b"..", b".", b"a..b", b".a", b"a" * 64, b"b." + b"a" * 64 + b".c"])
+def test_names_no_resolver_can_encode_are_host_unreachable(name: bytes) -> None:
+    with pytest.raises(ProtocolError, match="invalid host name") as e:
+        socks5.parse_request(b"\x05\x01\x00\x03" + bytes((len(name),)) + name + b"\x00\x50")
+    assert e.value.reply == ReplyCode.HOST_UNREACHABLE
+
+
+def test_a_trailing_dot_and_long_labels_are_fine() -> None:
+    for name in (b"example.org.", b"a" * 63 + b"." + b"b" * 63):
+        request = socks5.parse_request(b"\x05\x01\x00\x03" + bytes((len(name),)) + name + b"\x00\x50")
+        assert request is not None and request[0].host == name.decode()
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,17 @@ def plain_address(host: str) -> Address:
     return address
 
 
+_LOOPBACK: dict[int, Address] = {4: ipaddress.IPv4Address("127.0.0.1"), 6: ipaddress.IPv6Address("::1")}
+
+
+@functools.lru_cache(maxsize=256)
+def reached_address(host: str) -> Address:
+    """The address a connection to host really reaches: plain_address, with an unspecified address
+    (0.0.0.0, ::) as the loopback the kernel delivers it to (cached)."""
+    address = plain_address(host)
+    return _LOOPBACK[address.version] if address.is_unspecified else address
+
+
 def is_local_host(host: str) -> bool:
     """Loopback, unspecified, or one of this host's own addresses (an IP in text; no ipaddress object)."""
     host = host.partition("%")[0]

@@ -40,6 +40,8 @@ COUNTED = (
     "udp_associations",
     "udp_datagrams",
     "udp_bytes",
+    "udp_invalid",  # datagrams dropped: malformed, or naming a host that cannot be looked up
+    "udp_denied",  # datagrams dropped: the destination is denied (rule, local, -4/-6)
     "spliced",  # directions of finished sessions that moved to splice(2)
 )
 _REPLIES = len(COUNTED)  # then one count per reply code
@@ -65,7 +67,12 @@ def counted_figures(c: Counters, live: int = 0, live_up: int = 0, live_down: int
         "auth_failures": c.auth_failures,
         "replies": dict(zip((code.name.lower() for code in ReplyCode), c.replies, strict=True)),
         "bytes": {"up": c.bytes_up + live_up, "down": c.bytes_down + live_down},
-        "udp": {"associations": c.udp_associations, "datagrams": c.udp_datagrams, "bytes": c.udp_bytes},
+        "udp": {
+            "associations": c.udp_associations,
+            "datagrams": c.udp_datagrams,
+            "bytes": c.udp_bytes,
+            "dropped": {"invalid": c.udp_invalid, "denied": c.udp_denied},
+        },
         "spliced": c.spliced,
     }
 
@@ -86,6 +93,8 @@ class Counters:
     udp_associations = _counted("udp_associations")
     udp_datagrams = _counted("udp_datagrams")
     udp_bytes = _counted("udp_bytes")
+    udp_invalid = _counted("udp_invalid")
+    udp_denied = _counted("udp_denied")
     spliced = _counted("spliced")
 
     def __init__(self, memory: Any = None) -> None:
@@ -222,20 +231,27 @@ class Server:
         literal = _literal_family(host)
         if literal is None:
             return None
-        family = _FAMILIES[self.settings.family]
-        if family not in (socket.AF_UNSPEC, literal):
-            version = 4 if literal == socket.AF_INET else 6
-            raise ProtocolError(
-                f"IPv{version} destinations are off (-{10 - version})", ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED
-            )
+        off = self.family_off(literal)
+        if off is not None:
+            raise ProtocolError(off, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
         return [(literal, (host, port))]
+
+    def family_off(self, family: int) -> str | None:
+        """Why destinations of this address family are not served (-4, -6), or None when they are."""
+        if _FAMILIES[self.settings.family] in (socket.AF_UNSPEC, family):
+            return None
+        version = 4 if family == socket.AF_INET else 6
+        return f"IPv{version} destinations are off (-{10 - version})"
 
     async def resolve(self, host: str, port: int) -> list[tuple[int, tuple]]:
         """(family, sockaddr) to try in turn: an IP literal as it is, a name through the resolver."""
         literal = self.literal_address(host, port)
         if literal is not None:
             return literal
-        addresses = await self.resolver(host, port, _FAMILIES[self.settings.family])
+        try:
+            addresses = await self.resolver(host, port, _FAMILIES[self.settings.family])
+        except UnicodeError:  # a name IDNA cannot encode: the codec lets few of them through
+            raise ProtocolError("invalid host name", ReplyCode.HOST_UNREACHABLE) from None
         if not addresses:
             raise socket.gaierror(socket.EAI_NONAME, "name has no address")
         return addresses
@@ -245,7 +261,7 @@ class Server:
         if not self.settings.allow_local and netinfo.is_local_host(host):
             return "is on this host (--allow-local, UCI allow_local, allows it)"
         rules = self.settings.dest_rules
-        rule = first_match(rules, netinfo.plain_address(host), port) if rules else None
+        rule = first_match(rules, netinfo.reached_address(host), port) if rules else None
         return f"denied by rule '{rule}'" if rule is not None and not rule.allow else None
 
     def source_address(self, family: int) -> tuple[str, int] | None:

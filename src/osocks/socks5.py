@@ -136,20 +136,29 @@ def _parse_address(data: bytes, offset: int) -> tuple[int, str, int, int] | None
             return None
         length = data[offset + 1]
         if length == 0:
-            raise ProtocolError("empty domain name", ReplyCode.HOST_UNREACHABLE)
+            raise ProtocolError("invalid host name (empty)", ReplyCode.HOST_UNREACHABLE)
         end = offset + 2 + length + 2
         if len(data) < end:
             return None
-        try:
-            host = bytes(data[offset + 2 : offset + 2 + length]).decode("ascii")
-        except UnicodeDecodeError:
-            raise ProtocolError("domain name is not ASCII", ReplyCode.HOST_UNREACHABLE) from None
-        if "\0" in host:
-            raise ProtocolError("domain name holds a NUL byte", ReplyCode.HOST_UNREACHABLE)
+        host = _host_name(bytes(data[offset + 2 : offset + 2 + length]))
     else:
         raise ProtocolError(f"unknown address type {atyp:#04x}", ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
     port = (data[end - 2] << 8) | data[end - 1]
     return atyp, host, port, end
+
+
+def _host_name(raw: bytes) -> str:
+    """A DOMAIN address as text; ProtocolError (reply 04) for a name no resolver could look up."""
+    try:
+        host = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("invalid host name (not ASCII)", ReplyCode.HOST_UNREACHABLE) from None
+    if "\0" in host:
+        raise ProtocolError("invalid host name (a NUL byte)", ReplyCode.HOST_UNREACHABLE)
+    # what IDNA encoding (and so every resolver) refuses: an empty label, or one over 63 bytes
+    if host[0] == "." or ".." in host or (len(host) > 63 and max(map(len, host.split("."))) > 63):
+        raise ProtocolError("invalid host name (an empty label or one over 63 bytes)", ReplyCode.HOST_UNREACHABLE)
+    return host
 
 
 def parse_request(data: bytes) -> tuple[Request, int] | None:

@@ -134,9 +134,11 @@ class Association:
         self.client_port = addr[1]
         try:
             parsed = socks5.parse_udp_header(data)
-        except ProtocolError:
+        except ProtocolError as e:
+            self._invalid(str(e))
             return
         if parsed is None:
+            self._invalid("truncated header")
             return
         header, used = parsed
         payload = data[used:]
@@ -146,11 +148,18 @@ class Association:
                 return
             payload = whole
         if header.port == 0:
+            self._invalid("destination port 0")
             return
         if header.address_type == AddressType.DOMAIN:
             asyncio.ensure_future(self._send_to_name(header.host, header.port, payload))
             return
         self._send(header.host, header.port, payload)
+
+    def _invalid(self, why: str) -> None:
+        """A datagram no destination could be found for: counted, and one line at debug level."""
+        self.session.server.counters.udp_invalid += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("udp: client %s: datagram dropped: %s", self.client_ip, why)
 
     async def _send_to_name(self, host: str, port: int, payload: bytes) -> None:
         now = time.monotonic()
@@ -160,7 +169,8 @@ class Association:
         else:
             try:
                 addresses = await self.session.server.resolve(host, port)
-            except (OSError, ProtocolError):
+            except (OSError, ProtocolError) as e:
+                self._invalid(f"{host}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
                 return
             if len(self.names) > MAX_PEERS:
                 self.names.clear()
@@ -170,9 +180,13 @@ class Association:
 
     def _send(self, host: str, port: int, payload: bytes) -> None:
         server = self.session.server
-        if server.destination_refused(host, port) is not None:
-            return
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        refused = server.family_off(family) or server.destination_refused(host, port)
+        if refused is not None:
+            server.counters.udp_denied += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("udp: client %s: datagram to %s:%d dropped: %s", self.client_ip, host, port, refused)
+            return
         transport = self.outbound.get(family)
         if transport is None:
             asyncio.ensure_future(self._open_outbound(family, host, port, payload))
