@@ -93,6 +93,18 @@ def tree_memory(root_pid: int) -> Memory:
     )
 
 
+# Columns of the "cpu" line of /proc/stat that are work (or, for steal, work the hypervisor
+# gave to someone else); idle, iowait, irq and softirq are not in any process's times.
+_BUSY_COLUMNS = {"user": 0, "nice": 1, "system": 2, "steal": 7}
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core has spent on processes (user, nice, system) or lost to steal, since boot."""
+    with (PROC / "stat").open() as stat:
+        columns = stat.readline().split()[1:]
+    return sum(int(columns[index]) for index in _BUSY_COLUMNS.values()) / CLOCK_TICKS_PER_SECOND
+
+
 def bytes_written(pid: int) -> int:
     """Bytes the process has passed to write(2) and the like so far ("wchar" in /proc/PID/io).
 

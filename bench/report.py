@@ -37,6 +37,8 @@ ROWS = (
     Row("CPU s per GB", "bulk", "cpu_s_per_gb", 2),
     Row("sessions/s", "sessions", "sessions_per_s", 0),
     Row("CPU µs per session", "sessions", "cpu_us_per_session", 0),
+    Row("rounds of (b): run", "sessions", "rounds_run", 0),
+    Row("rounds of (b): quiet", "sessions", "rounds_quiet", 0),
     Row("idle RSS MB", "memory", "idle_rss_mb", 1),
     Row("idle PSS MB", "memory", "idle_pss_mb", 1),
     Row("KB per held session (PSS)", "memory", "kb_per_session", 1),

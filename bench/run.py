@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Benchmark osocks against microsocks and Dante: throughput, per-session CPU, memory, fairness.
+"""Benchmark osocks against microsocks and Dante (and any server given with --server):
+throughput, per-session CPU, memory, fairness.
 
     python3 bench/run.py            # full run, every installed server
     python3 bench/run.py --smoke    # a few seconds, for CI
+    python3 bench/run.py --server 'c-osocks=/opt/osocks -l 127.0.0.1 -p {port}'
 
 See bench/README.md for what is measured and how.
 """
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import rounds
 import scenarios
 import services
 from report import Failed, Outcome, Results, Skipped, markdown_table, write_json
@@ -32,7 +35,7 @@ BENCH = Path(__file__).resolve().parent
 DEFAULT_JSON = BENCH / "results" / "latest.json"
 OPEN_FILES_WANTED = 65536
 NGINX_CONNECTIONS = 8192
-SERVER_NAMES = ("osocks", "microsocks", "dante")
+SERVER_NAMES = ("osocks", "osocks-asyncio", "microsocks", "dante")  # osocks-asyncio: --loop asyncio
 SELF_EXPLAINING_ERRORS = (scenarios.ScenarioError, services.StartError)
 
 
@@ -43,9 +46,10 @@ class Scenario:
     measure: Callable[[Target, Profile], dict[str, float]]
 
 
+SESSIONS = Scenario("b", "sessions", scenarios.new_sessions)  # run in interleaved rounds (rounds.py)
 SCENARIOS = (
     Scenario("a", "bulk", scenarios.bulk_download),
-    Scenario("b", "sessions", scenarios.new_sessions),
+    SESSIONS,
     Scenario("c", "memory", scenarios.memory),
     Scenario("d", "privoxy_ab", scenarios.privoxy_ab),
     Scenario("e", "fairness", scenarios.fairness),
@@ -68,6 +72,14 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         metavar="ARGS",
         help='an extra osocks column started with these arguments, e.g. "-w 2" (repeatable)',
     )
+    parser.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="NAME=COMMAND",
+        type=_named_command,
+        help="one more column NAME: the server started as COMMAND, {port} replaced by its port (repeatable)",
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
     arguments = parser.parse_args(argv)
     unknown_servers = set(_split(arguments.servers)) - set(SERVER_NAMES)
@@ -75,6 +87,14 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     if unknown_servers or unknown_scenarios:
         parser.error(f"unknown servers {sorted(unknown_servers)} or scenarios {sorted(unknown_scenarios)}")
     return arguments
+
+
+def _named_command(text: str) -> tuple[str, list[str]]:
+    name, _, command = text.partition("=")
+    argv = shlex.split(command)
+    if not name.strip() or not argv or not any("{port}" in word for word in argv):
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=COMMAND, with {{port}} in COMMAND")
+    return name.strip(), argv
 
 
 def _split(comma_separated: str) -> list[str]:
@@ -96,16 +116,21 @@ def raise_open_file_limit(wanted: int) -> int:
     return wanted
 
 
-def servers_to_run(names: list[str], osocks_variants: list[str]) -> list[services.SocksServer]:
+def servers_to_run(
+    names: list[str], osocks_variants: list[str], commands: list[tuple[str, list[str]]]
+) -> list[services.SocksServer]:
     chosen: list[services.SocksServer] = []
     for name in names:
         if name == "osocks":
             chosen.append(services.osocks([]))
             chosen.extend(services.osocks(shlex.split(variant)) for variant in osocks_variants)
+        elif name == "osocks-asyncio":
+            chosen.append(services.osocks(["--loop", "asyncio"]))
         elif name == "microsocks":
             chosen.append(services.microsocks())
         else:
             chosen.append(services.dante())
+    chosen.extend(services.command(name, argv) for name, argv in commands)
     installed = [server for server in chosen if server.is_installed()]
     for server in chosen:
         if server not in installed:
@@ -122,10 +147,11 @@ def _summary(figures: dict[str, float]) -> str:
 
 
 def measure(
-    server: services.SocksServer, scenario: Scenario, web: Endpoint, workdir: Path, profile: Profile
+    server: services.SocksServer, scenario: Scenario, web: Endpoint, workdir: Path, profile: Profile, label: str = ""
 ) -> Outcome:
     """Start a fresh server, run one scenario against it, stop it; never raises."""
-    scenario_dir = workdir / f"{server.name.replace(' ', '_')}-{scenario.key}"
+    what = f"{scenario.key} {label}".strip()
+    scenario_dir = workdir / f"{server.name}-{what}".replace(" ", "_").replace("/", "_")
     scenario_dir.mkdir()
     started = time.monotonic()
     try:
@@ -133,9 +159,9 @@ def measure(
             figures = scenario.measure(Target(proxy, pid, web, scenario_dir), profile)
     except Exception as error:  # noqa: BLE001 - reported in the table, the run goes on
         message = str(error) if isinstance(error, SELF_EXPLAINING_ERRORS) else f"{type(error).__name__}: {error}"
-        _progress(f"[{server.name}] {scenario.key}: error: {message}")
+        _progress(f"[{server.name}] {what}: error: {message}")
         return Failed(message)
-    _progress(f"[{server.name}] {scenario.key} ({time.monotonic() - started:.1f} s): {_summary(figures)}")
+    _progress(f"[{server.name}] {what} ({time.monotonic() - started:.1f} s): {_summary(figures)}")
     return figures
 
 
@@ -164,7 +190,7 @@ def run_settings(profile: Profile, open_files: int) -> dict[str, object]:
 def run(arguments: argparse.Namespace) -> Results:
     profile = scenarios.SMOKE if arguments.smoke else scenarios.FULL
     open_files = raise_open_file_limit(OPEN_FILES_WANTED)
-    servers = servers_to_run(_split(arguments.servers), arguments.osocks_args)
+    servers = servers_to_run(_split(arguments.servers), arguments.osocks_args, arguments.server)
     chosen = [s for s in SCENARIOS if s.letter in _split(arguments.only)]
     results = Results([server.name for server in servers], run_settings(profile, open_files))
     with tempfile.TemporaryDirectory(prefix="osocks-bench-") as temporary:
@@ -172,8 +198,20 @@ def run(arguments: argparse.Namespace) -> Results:
         workdir.chmod(0o755)  # nginx's worker runs as "nobody" when started as root
         (workdir / "nginx").mkdir()
         with services.nginx(workdir / "nginx", profile.file_sizes(), NGINX_CONNECTIONS) as web:
+            if SESSIONS in chosen:
+
+                def measure_round(server: services.SocksServer, number: int) -> Outcome:
+                    return measure(server, SESSIONS, web, workdir, profile, f"round {number}")
+
+                for server, number, outcome in rounds.interleaved(
+                    servers, measure_round, profile.session_rounds, profile.session_rounds_at_most
+                ):
+                    key = SESSIONS.key if number == 0 else f"{SESSIONS.key} round {number}"
+                    results.record(server.name, key, outcome)
             for server in servers:
                 for scenario in chosen:
+                    if scenario is SESSIONS:
+                        continue
                     reason = skip_reason(scenario, arguments.smoke)
                     outcome = Skipped(reason) if reason else measure(server, scenario, web, workdir, profile)
                     results.record(server.name, scenario.key, outcome)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 import shutil
 import socket
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from proctree import bytes_written, tree_cpu_seconds, tree_memory
+from proctree import bytes_written, machine_busy_seconds, tree_cpu_seconds, tree_memory
 from services import CURL, PRIVOXY, echo_server, last_message, privoxy, socks_downloads
 from socks5 import Endpoint, HttpOverSocks, download, http_get, open_http_session, open_tunnel
 
@@ -53,7 +54,9 @@ class Profile:
 
     bulk_file: str
     bulk_downloads: int
-    sessions: int
+    sessions: int  # per round of (b)
+    session_rounds: int  # quiet rounds of (b) wanted per server; the figures are their medians
+    session_rounds_at_most: int  # rounds of (b) run per server while waiting for quiet ones
     concurrency: int
     held_sessions: int
     ab_requests: int
@@ -70,7 +73,9 @@ class Profile:
 FULL = Profile(
     bulk_file="64M",
     bulk_downloads=10,
-    sessions=5000,
+    sessions=20000,
+    session_rounds=5,
+    session_rounds_at_most=15,
     concurrency=64,
     held_sessions=1000,
     ab_requests=1024,
@@ -83,6 +88,8 @@ SMOKE = Profile(
     bulk_file="4M",
     bulk_downloads=4,
     sessions=200,
+    session_rounds=1,
+    session_rounds_at_most=1,
     concurrency=64,
     held_sessions=50,
     ab_requests=0,
@@ -180,16 +187,23 @@ async def _short_sessions(target: Target, count: int, concurrency: int) -> float
 
 
 def new_sessions(target: Target, profile: Profile) -> Figures:
+    """One round of short sessions; other_load_cores is the CPU that neither this run's own
+    processes (the runner, nginx, the server) nor the kernel's interrupt work used meanwhile:
+    other programs' and steal, in cores, which tells a disturbed round."""
     run_client(_short_sessions(target, WARM_UP_SESSIONS, profile.concurrency), profile.timeout)
+    ours = os.getpid()  # every process this run started is a descendant
+    busy_before, ours_before = machine_busy_seconds(), tree_cpu_seconds(ours)
     cpu_before = tree_cpu_seconds(target.server_pid)
     client_cpu_before = time.process_time()
     seconds = run_client(_short_sessions(target, profile.sessions, profile.concurrency), profile.timeout)
     client_cpu = time.process_time() - client_cpu_before
     cpu = tree_cpu_seconds(target.server_pid) - cpu_before
+    other = machine_busy_seconds() - busy_before - (tree_cpu_seconds(ours) - ours_before)
     return {
         "sessions_per_s": profile.sessions / seconds,
         "cpu_us_per_session": cpu / profile.sessions * MICROSECONDS,
         "client_cpu_us_per_session": client_cpu / profile.sessions * MICROSECONDS,
+        "other_load_cores": max(0.0, other) / seconds,
         "sessions": profile.sessions,
     }
 

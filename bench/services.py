@@ -222,6 +222,15 @@ def osocks(extra_arguments: list[str]) -> SocksServer:
     )
 
 
+def command(name: str, argv: list[str]) -> SocksServer:
+    """A server given on the command line (run.py --server): argv, {port} replaced by its port."""
+
+    def arguments(port: int, _: Path) -> list[str]:
+        return [word.replace("{port}", str(port)) for word in argv[1:]]
+
+    return SocksServer(name=name, program=argv[0], arguments=arguments)
+
+
 MICROSOCKS = "/usr/bin/microsocks"
 
 

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,11 +52,13 @@ def test_flags_map_to_settings() -> None:
             "-vv",
             "-w",
             "2",
+            "--loop",
+            "asyncio",
         ]
     ).settings()
     assert s.listen == ("127.0.0.1", "::1") and s.port == 1081 and s.max_sessions == 5
     assert (s.connect_timeout, s.idle_timeout, s.handshake_timeout) == (0.25, 1.5, 0.7)
-    assert s.family == "ipv4" and s.syslog and s.verbosity == 2 and s.workers == 2
+    assert s.family == "ipv4" and s.syslog and s.verbosity == 2 and s.workers == 2 and s.loop == "asyncio"
 
 
 def test_ipv6_only_listens_on_the_ipv6_wildcard() -> None:
@@ -108,6 +111,7 @@ def test_version_and_help() -> None:
         (["-p"], "-p needs a value"),
         (["--no-s"], "unknown option '--no-s'"),  # no abbreviations: a typo is not another flag
         (["--allow-local=yes"], "--allow-local takes no value"),
+        (["--loop", "trio"], "loop: 'trio' is not one of uvloop, asyncio"),
     ],
 )
 def test_bad_flags_print_one_line_and_exit_nonzero(args: list[str], message: str) -> None:
@@ -170,6 +174,18 @@ def test_runs_without_uvloop(tmp_path, echo: EchoServer, run_osocks) -> None:
     sock, code, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)
     assert code == ReplyCode.SUCCEEDED
     sock.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_loop_asyncio_serves_on_the_stock_loop(run_osocks, echo: EchoServer, workers: str) -> None:
+    server = run_osocks("-l", "127.0.0.1", "-p", "0", "--allow-local", "--loop", "asyncio", "-w", workers)
+    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)
+    assert code == ReplyCode.SUCCEEDED
+    sock.sendall(b"hi")
+    assert recv_exactly(sock, 2) == b"hi"
+    sock.close()
+    if workers == "1":  # (the zygote of -w 2 loads uvloop for every worker before it knows)
+        assert "uvloop" not in Path(f"/proc/{server.proc.pid}/maps").read_text()
 
 
 def test_quiet_drops_session_lines(run_osocks, echo: EchoServer) -> None:

@@ -80,6 +80,7 @@ def test_every_option(tmp_path: Path) -> None:
             bind_address="192.168.2.1",
             external_address="203.0.113.7",
             splice="0",
+            loop="asyncio",
         )
     )
     assert s == Settings(
@@ -103,6 +104,7 @@ def test_every_option(tmp_path: Path) -> None:
         bind_address="192.168.2.1",
         external_address="203.0.113.7",
         splice=False,
+        loop="asyncio",
     )
     assert [u.secret for u in s.users] == ["secret1", "$scrypt$abc", "secret3"]
 
@@ -238,6 +240,7 @@ def test_error_names_the_config() -> None:
         ("bind_address", "example.com", "bind_address: 'example.com' is not an IPv4 or IPv6 address"),
         ("external_address", "1.2.3", "external_address: '1.2.3' is not an IPv4 or IPv6 address"),
         ("splice", "sometimes", "splice: 'sometimes' is not a boolean"),
+        ("loop", "tokio", "loop: 'tokio' is not one of uvloop, asyncio"),
         ("enabled", "y", "enabled: 'y' is not a boolean"),
         ("prot", "1080", "prot: unknown option"),
         ("interfaces", "lan", "interfaces: unknown option"),

@@ -59,7 +59,9 @@ def setup_logging(settings: Settings) -> None:
         log.warning("-s: no syslog at %s, logging to stderr", SYSLOG_SOCKET)
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
+def new_event_loop(settings: Settings) -> asyncio.AbstractEventLoop:
+    if settings.loop == "asyncio":
+        return asyncio.new_event_loop()
     try:
         import uvloop
     except ImportError:
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if workers.count(settings) > 1:
             zygote = workers.Zygote.fork()  # before any thread or event loop
-    loop = new_event_loop()
+    loop = new_event_loop(settings)
     try:
         loop.run_until_complete(serve(command, settings, zygote))
     except ListenError as e:

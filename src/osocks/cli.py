@@ -41,6 +41,7 @@ Usage: osocks [-l addr] [-p port] [-n num] [-I idle-timeout] [-T connect-timeout
   --external ADDR             address announced in BIND replies
   -i IFACE                    listen on the addresses of OpenWrt interface IFACE (repeatable)
   --no-splice                 copy bytes in Python instead of splice(2)
+  --loop uvloop|asyncio       event loop (uvloop; asyncio: Python's own)
   --uci[=CONFIG] / -c CONFIG  read /etc/config/CONFIG (osocks) first; flags override it
   --no-uci                    do not read UCI (the default where UCI is not installed)
   --uci-dir DIR               where UCI configs are (/etc/config)
@@ -111,6 +112,7 @@ _OPTIONS: dict[str, tuple[str, str, Any]] = {
     "--external": ("external_address", _SET, str),
     "-i": ("interface", _APPEND, str),
     "--no-splice": ("splice", _SET, False),
+    "--loop": ("loop", _SET, str),
     "--uci": ("uci", _SET, "osocks"),
     "-c": ("uci", _SET, str),
     "--no-uci": ("no_uci", _SET, True),
@@ -177,6 +179,7 @@ class Command:
             "bind_address",
             "external_address",
             "splice",
+            "loop",
         ):
             if name in g:
                 changes[name] = tuple(g[name]) if name == "listen" else g[name]

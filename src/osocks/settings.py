@@ -15,6 +15,8 @@ from .rules import Rule, parse_network, parse_rule
 
 Family = Literal["any", "ipv4", "ipv6"]
 FAMILIES: tuple[Family, ...] = ("any", "ipv4", "ipv6")
+EventLoop = Literal["uvloop", "asyncio"]
+EVENT_LOOPS: tuple[EventLoop, ...] = ("uvloop", "asyncio")
 
 
 class SettingsError(ValueError):
@@ -52,6 +54,7 @@ class Settings:
     external_address: str | None = None  # address announced for BIND (default: the one the client reached)
     interfaces: tuple[str, ...] = ()  # OpenWrt logical interfaces whose addresses we listen on
     splice: bool = True
+    loop: EventLoop = "uvloop"  # uvloop where it is installed, else (with a log line) asyncio's own
 
     def __post_init__(self) -> None:
         check_port("port", self.port)
@@ -63,6 +66,8 @@ class Settings:
                 raise SettingsError(f"{name}: {value!r} must be more than 0")
         if self.family not in FAMILIES:
             raise SettingsError(f"family: {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.loop not in EVENT_LOOPS:
+            raise SettingsError(f"loop: {self.loop!r} is not one of {', '.join(EVENT_LOOPS)}")
         if self.workers < 0:
             raise SettingsError(f"workers: {self.workers!r} must be 0 (one per core) or more")
         for address in self.listen:

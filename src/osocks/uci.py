@@ -78,6 +78,7 @@ SCALARS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "bind_address": ("bind_address", _str),
     "external_address": ("external_address", _str),
     "splice": ("splice", _bool),
+    "loop": ("loop", _str),
     "user_file": ("users", _str),
 }
 # UCI list → Settings field.  Addresses, interfaces and networks may also be

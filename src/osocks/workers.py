@@ -223,7 +223,8 @@ def _zygote(channel: socket.socket) -> int:
             try:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 channel.close()
-                status = worker_main(*fds)
+                channel_fd, counters_fd = fds
+                status = worker_main(channel_fd, counters_fd, pickle.loads(data))
             finally:
                 os._exit(status)
         for fd in fds:
@@ -649,11 +650,12 @@ def _add(total: Any, value: Any) -> Any:
 # -- a worker --------------------------------------------------------------------------------------
 
 
-def worker_main(fd: int, counters_fd: int) -> int:
-    """A worker, in a process the zygote just forked: serve until the channel fd closes or SIGTERM."""
+def worker_main(fd: int, counters_fd: int, settings: Settings) -> int:
+    """A worker, in a process the zygote just forked: serve until the channel fd closes or SIGTERM.
+    `settings` are those the zygote was asked to fork it with; they choose the event loop."""
     from .__main__ import new_event_loop
 
-    loop = new_event_loop()
+    loop = new_event_loop(settings)
     try:
         return loop.run_until_complete(_work(socket.socket(fileno=fd), counters_fd))
     finally:
