@@ -176,3 +176,16 @@ def test_pysocks_with_password(secured: ServerThread, http_server: HttpServer) -
     with pytest.raises(socks.GeneralProxyError):
         bad.connect(("127.0.0.1", http_server.port))
     bad.close()
+
+
+def test_hashed_secret_for_a_new_password() -> None:
+    """What ubus `hash_password` stores in UCI: a salted hash that check_secret accepts."""
+    first, second = auth.hashed_secret("correct horse"), auth.hashed_secret("correct horse")
+    assert first.startswith("$pbkdf2-sha256$") and first != second and "correct" not in first
+    assert auth.check_secret(first, b"correct horse") and not auth.check_secret(first, b"correct")
+    assert parse_user(f"carol:{first}").secret == first
+    with pytest.raises(ValueError, match="empty"):
+        auth.hashed_secret("")
+    with pytest.raises(ValueError, match="255 bytes"):
+        auth.hashed_secret("é" * 128)
+    assert auth.check_secret(auth.hashed_secret("x" * 255), b"x" * 255)

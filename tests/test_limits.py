@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+
+import pytest
 
 from conftest import EchoServer, ServerThread, recv_exactly, socks_connect, wait_closed
 from osocks.socks5 import ReplyCode
@@ -61,3 +64,22 @@ def test_idle_timeout_closes_quiet_sessions_only(make_server, echo: EchoServer) 
     assert recv_exactly(busy, 5) == b"alive"
     quiet.close()
     busy.close()
+
+
+def test_disconnect_closes_the_session_with_that_id(osocks: ServerThread, echo: EchoServer) -> None:
+    """Server.disconnect, behind ubus `disconnect`: the id is one that `sessions` lists."""
+    kept, _, _, _ = socks_connect(osocks.port, "127.0.0.1", echo.port)
+    closed, _, _, _ = socks_connect(osocks.port, "127.0.0.1", echo.port)
+    listed = {s["client"]: s["id"] for s in osocks.call(osocks.server.sessions)}
+    pid = os.getpid()
+    assert all(i.startswith(f"{pid}-") for i in listed.values()) and len(set(listed.values())) == 2
+    target = listed[f"127.0.0.1:{closed.getsockname()[1]}"]
+    assert osocks.call(lambda: osocks.server.disconnect(target)) == {"disconnected": target}
+    assert wait_closed(closed) == b""
+    with pytest.raises(LookupError, match=f"no live session {target}"):
+        osocks.call(lambda: osocks.server.disconnect(target))
+    kept.sendall(b"hi")
+    assert recv_exactly(kept, 2) == b"hi"
+    assert osocks.wait_for(lambda s: s["sessions"]["live"] == 1)
+    kept.close()
+    closed.close()

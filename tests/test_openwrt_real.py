@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, HttpServer, free_port, recv_exactly
-from osocks import socks5, ubus, uci
+from conftest import ROOT, EchoServer, HttpServer, free_port, recv_exactly, socks_connect, wait_closed
+from osocks import auth, socks5, ubus, uci
 
 MISSING = [name for name in ("ubusd", "ubus") if shutil.which(name) is None]
 if not ubus.available():
@@ -55,9 +55,12 @@ def ubusd(tmp_path: Path):
     process.wait(5)
 
 
-def ubus_call(sock: str, method: str) -> dict:
+def ubus_call(sock: str, method: str, args: dict | None = None, obj: str = "osocks") -> dict:
     out = subprocess.run(
-        ["ubus", "-s", sock, "-t", "10", "call", "osocks", method], capture_output=True, text=True, timeout=20
+        ["ubus", "-s", sock, "-t", "10", "call", obj, method, *([json.dumps(args)] if args is not None else [])],
+        capture_output=True,
+        text=True,
+        timeout=20,
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -140,6 +143,46 @@ def test_reload_keeps_a_running_transfer(osocks_uci, http_server: HttpServer) ->
     sock.close()
     head, _, data = bytes(body).partition(b"\r\n\r\n")
     assert hashlib.sha256(data).hexdigest() == hashlib.sha256(http_server.big).hexdigest()
+
+
+LUCI_SESSION = {"ubus_rpc_session": "0123456789abcdef0123456789abcdef"}  # LuCI's /ubus adds it to every call
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_disconnect_a_live_session(tmp_path: Path, ubusd: str, echo: EchoServer, workers: int) -> None:
+    """The id `sessions` reports closes that session, in one process and behind a master."""
+    confdir = tmp_path / "config"
+    confdir.mkdir()
+    port = free_port()
+    (confdir / "osocks").write_text(CONFIG.format(port=port, max_sessions=5) + f"\toption workers '{workers}'\n")
+    server = Osocks(confdir, ubusd)
+    try:
+        kept, _, _, _ = socks_connect(port, "127.0.0.1", echo.port)
+        closed, _, _, _ = socks_connect(port, "127.0.0.1", echo.port)
+        for sock in (kept, closed):
+            sock.sendall(b"ping")
+            assert recv_exactly(sock, 4) == b"ping"
+        live = ubus_call(ubusd, "sessions")["sessions"]
+        assert len(live) == 2 and len({s["id"] for s in live}) == 2
+        local = f"127.0.0.1:{closed.getsockname()[1]}"
+        (target,) = [s for s in live if s["client"] == local]
+        answer = ubus_call(ubusd, "disconnect", {"id": target["id"], **LUCI_SESSION}, obj="osocks.luci")
+        assert answer == {"disconnected": target["id"]}
+        assert wait_closed(closed) == b""
+        assert [s["client"] for s in ubus_call(ubusd, "sessions")["sessions"]] != [local]
+        assert ubus_call(ubusd, "disconnect", {"id": target["id"]}) == {"error": f"no live session {target['id']}"}
+        kept.sendall(b"still")
+        assert recv_exactly(kept, 5) == b"still"
+        kept.close()
+        closed.close()
+    finally:
+        assert server.stop() == 0
+
+
+def test_hash_password_from_a_running_osocks(osocks_uci) -> None:
+    server, _, _ = osocks_uci
+    secret = ubus_call(server.sock, "hash_password", {"password": "pw", **LUCI_SESSION}, obj="osocks.luci")["hash"]
+    assert auth.check_secret(secret, b"pw")
 
 
 def test_sighup_reloads(osocks_uci) -> None:

@@ -98,7 +98,7 @@ def test_user_osocks_everywhere() -> None:
 
 def test_ubus_acl_lets_osocks_publish_and_read_interfaces() -> None:
     acl = json.loads((ROOT / "files" / "osocks.ubus-acl.json").read_text())
-    assert acl["publish"] == ["osocks"]
+    assert acl["publish"] == ["osocks", "osocks.luci"]
     assert acl["access"]["network.interface.*"]["methods"] == ["status"]
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from osocks import ubus as bridge_module
+from osocks.auth import check_secret
 from osocks.ubus import UbusBridge, available, interface_addresses
 
 LAN_STATUS: dict[str, Any] = {  # trimmed `ubus call network.interface.lan status` of an OpenWrt router
@@ -65,7 +66,9 @@ def test_interface_addresses_skips_garbage_link_local_and_duplicates() -> None:
 def test_without_python_ubus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ubus", None)  # import ubus -> ImportError
     assert available() is False
-    bridge = UbusBridge(status=dict, sessions=list, reload=_no_reload, loop=asyncio.new_event_loop())
+    bridge = UbusBridge(
+        status=dict, sessions=list, reload=_no_reload, disconnect=_no_session, loop=asyncio.new_event_loop()
+    )
     with pytest.raises(ImportError):
         bridge.start()
     assert bridge.call("network", "status", {}).exception(timeout=1) is not None
@@ -73,6 +76,10 @@ def test_without_python_ubus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def _no_reload() -> dict[str, Any]:
     return {}
+
+
+def _no_session(session_id: str) -> dict[str, Any]:
+    raise LookupError(f"no live session {session_id}")
 
 
 # --- real ubusd ---------------------------------------------------------------------------------
@@ -152,6 +159,12 @@ class Fake:
         self.reloads += 1
         return {"reloaded": True, "count": self.reloads}
 
+    def disconnect(self, session_id: str) -> dict[str, Any]:
+        self.threads.add(threading.current_thread().name)
+        if session_id != "1":
+            raise LookupError(f"no live session {session_id}")
+        return {"disconnected": session_id}
+
 
 @pytest.fixture
 def make_bridge(sock: str, event_loop: asyncio.AbstractEventLoop) -> Iterator[Callable[[Fake], UbusBridge]]:
@@ -159,7 +172,12 @@ def make_bridge(sock: str, event_loop: asyncio.AbstractEventLoop) -> Iterator[Ca
 
     def make(fake: Fake) -> UbusBridge:
         bridge = UbusBridge(
-            status=fake.status, sessions=fake.sessions, reload=fake.reload, loop=event_loop, socket_path=sock
+            status=fake.status,
+            sessions=fake.sessions,
+            reload=fake.reload,
+            disconnect=fake.disconnect,
+            loop=event_loop,
+            socket_path=sock,
         )
         bridge.start()
         started.append(bridge)
@@ -190,12 +208,58 @@ def test_status_and_sessions_answered_on_the_event_loop(sock: str, make_bridge: 
     assert fake.threads == {"event-loop"}
 
 
-def test_object_methods_have_empty_signatures(sock: str, make_bridge: Callable[[Fake], UbusBridge]) -> None:
+def test_object_signatures(sock: str, make_bridge: Callable[[Fake], UbusBridge]) -> None:
     make_bridge(Fake())
     listing = cli(sock, "-v", "list", "osocks").stdout
     for method in ("status", "reload", "sessions"):
         assert f'"{method}":{{}}' in listing
+    assert '"hash_password":{"password":"String"}' in listing
+    assert '"disconnect":{"id":"String"}' in listing
     assert "Invalid argument" in cli(sock, "call", "osocks", "status", '{"x": 1}').stderr
+    luci = cli(sock, "-v", "list", "osocks.luci").stdout
+    assert '"status":{"ubus_rpc_session":"String"}' in luci
+    assert '"disconnect":{"id":"String","ubus_rpc_session":"String"}' in luci
+
+
+SESSION = '"ubus_rpc_session": "0123456789abcdef0123456789abcdef"'  # what LuCI's /ubus adds to every call
+
+
+def luci_call(sock: str, method: str, args: str = "") -> Any:
+    done = cli(sock, "call", "osocks.luci", method, "{" + ", ".join(filter(None, (args, SESSION))) + "}")
+    assert done.stdout, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_luci_object_takes_the_session_argument(sock: str, make_bridge: Callable[[Fake], UbusBridge]) -> None:
+    fake = Fake()
+    status, sessions = fake.status(), fake.sessions()
+    make_bridge(fake)
+    assert luci_call(sock, "status") == status == call_json(sock, "status")
+    assert luci_call(sock, "sessions") == {"sessions": sessions}
+    assert luci_call(sock, "reload") == {"reloaded": True, "count": 1}
+    assert luci_call(sock, "disconnect", '"id": "1"') == {"disconnected": "1"}
+    assert "Invalid argument" in cli(sock, "call", "osocks.luci", "status").stderr  # the plain call is osocks'
+
+
+def test_disconnect(sock: str, make_bridge: Callable[[Fake], UbusBridge]) -> None:
+    fake = Fake()
+    make_bridge(fake)
+    assert call_json(sock, "disconnect", '{"id": "1"}') == {"disconnected": "1"}
+    assert call_json(sock, "disconnect", '{"id": "7"}') == {"error": "no live session 7"}
+    assert "Invalid argument" in cli(sock, "call", "osocks", "disconnect").stderr
+    assert "Invalid argument" in cli(sock, "call", "osocks", "disconnect", '{"id": 1}').stderr  # a string
+    assert "event-loop" in fake.threads
+
+
+def test_hash_password(sock: str, make_bridge: Callable[[Fake], UbusBridge]) -> None:
+    make_bridge(Fake())
+    answer = call_json(sock, "hash_password", '{"password": "s3cret pass"}')
+    assert answer["hash"].startswith("$pbkdf2-sha256$")
+    assert check_secret(answer["hash"], b"s3cret pass") and not check_secret(answer["hash"], b"other")
+    assert "s3cret" not in answer["hash"]
+    again = luci_call(sock, "hash_password", '"password": "s3cret pass"')["hash"]
+    assert again != answer["hash"] and check_secret(again, b"s3cret pass")  # salted
+    assert call_json(sock, "hash_password", '{"password": ""}') == {"error": "the password is empty"}
 
 
 def test_reload_returns_its_dict(sock: str, make_bridge: Callable[[Fake], UbusBridge]) -> None:

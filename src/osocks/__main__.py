@@ -158,7 +158,12 @@ def _start_ubus(
     if not ubus.available():
         return None
     bridge = ubus.UbusBridge(
-        status=server.status, sessions=server.sessions, reload=reload, loop=loop, socket_path=socket_path
+        status=server.status,
+        sessions=server.sessions,
+        reload=reload,
+        disconnect=server.disconnect,
+        loop=loop,
+        socket_path=socket_path,
     )
     try:
         bridge.start()

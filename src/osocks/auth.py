@@ -27,6 +27,18 @@ def hash_password(password: str, salt: bytes | None = None, iterations: int = 20
     return f"$pbkdf2-sha256${iterations}${salt.hex()}${digest.hex()}"
 
 
+MAX_PASSWORD_BYTES = 255  # RFC 1929
+
+
+def hashed_secret(password: str) -> str:
+    """The hash to store for a new password (ubus `hash_password`); ValueError when RFC 1929 cannot carry it."""
+    if not password:
+        raise ValueError("the password is empty")
+    if len(password.encode()) > MAX_PASSWORD_BYTES:
+        raise ValueError(f"the password is longer than {MAX_PASSWORD_BYTES} bytes (RFC 1929)")
+    return hash_password(password)
+
+
 def _matches_hash(secret: str, password: bytes) -> bool:
     parts = secret.split("$")
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import itertools
 import logging
 import os
 import socket
@@ -135,6 +136,8 @@ class Server:
         self._ticker: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.closed = asyncio.Event()
+        self._session_numbers = itertools.count(1)
+        self._pid = os.getpid()  # a worker builds its Server after the fork
 
     # -- listeners ---------------------------------------------------------
 
@@ -200,6 +203,7 @@ class Server:
             log.warning("client %s refused: %d sessions live (limit)", _endpoint(session.client), len(self.live))
             return False
         self.live.add(session)
+        session.id = f"{self._pid}-{next(self._session_numbers)}"  # the pid tells the master which worker
         counters.total += 1
         if len(self.live) > counters.peak:
             counters.peak = len(self.live)
@@ -315,6 +319,14 @@ class Server:
 
     def sessions(self) -> list[dict[str, Any]]:
         return [session.describe() for session in self.live]
+
+    def disconnect(self, session_id: str) -> dict[str, Any]:
+        """Close the live session `sessions` lists with this id; LookupError when there is none."""
+        for session in self.live:
+            if session.id == session_id:
+                session.abort("disconnected by the administrator")
+                return {"disconnected": session_id}
+        raise LookupError(f"no live session {session_id}")
 
     async def reload(
         self, settings: Settings, interface_addresses: dict[str, list[str]] | None = None

@@ -47,6 +47,7 @@ class Session(asyncio.Protocol):
         "udp",
         "client_eof",
         "command",
+        "id",
     )
 
     def __init__(self, server: Server) -> None:
@@ -67,6 +68,7 @@ class Session(asyncio.Protocol):
         self.udp: Association | None = None
         self.client_eof = False
         self.command = 0
+        self.id = ""  # given by the server when it admits the session
 
     # -- handshake ---------------------------------------------------------
 
@@ -326,6 +328,7 @@ class Session(asyncio.Protocol):
     def describe(self) -> dict:
         up, down = self.bytes_moved()
         return {
+            "id": self.id,
             "client": _endpoint(self.client),
             "destination": self.target,
             "user": self.user,

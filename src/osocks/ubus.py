@@ -1,4 +1,7 @@
-"""The ubus side of osocks: object `osocks` (status, reload, sessions) and calls out to others.
+"""The ubus side of osocks: objects `osocks` and `osocks.luci`, and calls out to others.
+
+Methods (the same on both objects): status, sessions, reload, hash_password
+{"password"} (a hash to store in UCI) and disconnect {"id"} (an id from sessions).
 
 Built on python-ubus 0.1.3, whose ways were measured against a real ubusd:
 
@@ -12,8 +15,12 @@ Built on python-ubus 0.1.3, whose ways were measured against a real ubusd:
 * `handler.reply()` works only while the method callback runs, so the answer is
   computed synchronously there; an exception in a callback reaches the caller as
   a bare "Unknown error", so every failure is caught and answered {"error": "..."};
-* a method signature requires every key with its exact blobmsg type, so ours are
-  empty (any argument is refused as "Invalid argument");
+* a method signature requires every key with its exact blobmsg type, and any
+  other key is refused as "Invalid argument".  LuCI's /ubus (uhttpd) adds
+  `ubus_rpc_session` to every call, which `ubus call osocks status` never has:
+  so the methods are served twice, as `osocks` with the plain arguments, and as
+  `osocks.luci` whose signatures add `ubus_rpc_session` (checked by rpcd's ACL
+  before the call reaches us, and ignored here);
 * a reply must be a JSON object: the sessions list goes out as {"sessions": [...]}.
 
 Signals: libubox's loop installs its own SIGTERM (and SIGINT) handler when the
@@ -40,13 +47,25 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .auth import hashed_secret
+
 log = logging.getLogger(__name__)
 _Call = tuple[str, str, dict[str, Any], concurrent.futures.Future[Any]]  # obj, method, args, result
 
 SLICE_MS = 200  # longest wait of a queued call for the loop thread
 ANSWER_TIMEOUT = 2.0  # seconds the event loop has to answer status/sessions
 RELOAD_TIMEOUT = 10.0
+HASH_TIMEOUT = 10.0  # PBKDF2 takes a second or two on a slow router
 CALL_TIMEOUT_MS = 5000  # never 0: python-ubus would wait forever
+METHODS: dict[str, tuple[str, ...]] = {  # method → its arguments, all strings
+    "status": (),
+    "sessions": (),
+    "reload": (),
+    "hash_password": ("password",),
+    "disconnect": ("id",),
+}
+LUCI_SUFFIX = ".luci"  # object name + this: the methods as LuCI calls them
+LUCI_SESSION_ARGUMENT = "ubus_rpc_session"
 
 
 def available() -> bool:
@@ -88,18 +107,24 @@ class UbusBridge:
         status: Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]],
         sessions: Callable[[], list[dict[str, Any]] | Awaitable[list[dict[str, Any]]]],
         reload: Callable[[], Awaitable[dict[str, Any]]],
+        disconnect: Callable[[str], dict[str, Any] | Awaitable[dict[str, Any]]],
         loop: asyncio.AbstractEventLoop,
         socket_path: str | None = None,
         object_name: str = "osocks",
     ) -> None:
-        async def sessions_object() -> dict[str, Any]:
+        async def sessions_object(args: dict[str, str]) -> dict[str, Any]:
             found = sessions()
             return {"sessions": await found if inspect.isawaitable(found) else found}
 
-        self._jobs: dict[str, tuple[Callable[[], Any], float]] = {
-            "status": (status, ANSWER_TIMEOUT),
+        async def hash_object(args: dict[str, str]) -> dict[str, Any]:
+            return {"hash": await asyncio.to_thread(hashed_secret, args["password"])}
+
+        self._jobs: dict[str, tuple[Callable[[dict[str, str]], Any], float]] = {
+            "status": (lambda args: status(), ANSWER_TIMEOUT),
             "sessions": (sessions_object, ANSWER_TIMEOUT),
-            "reload": (reload, RELOAD_TIMEOUT),
+            "reload": (lambda args: reload(), RELOAD_TIMEOUT),
+            "hash_password": (hash_object, HASH_TIMEOUT),
+            "disconnect": (lambda args: disconnect(args["id"]), ANSWER_TIMEOUT),
         }
         self._loop = loop
         self._socket_path = socket_path
@@ -121,9 +146,8 @@ class UbusBridge:
         else:
             self._ubus.connect()
         try:
-            self._ubus.add(
-                self._object_name, {name: {"signature": {}, "method": self._method(name)} for name in self._jobs}
-            )
+            self._ubus.add(self._object_name, self._methods(luci=False))
+            self._ubus.add(self._object_name + LUCI_SUFFIX, self._methods(luci=True))
         except Exception:
             self._ubus.disconnect()
             raise
@@ -189,15 +213,26 @@ class UbusBridge:
             except Exception as exc:
                 future.set_exception(exc)
 
+    def _methods(self, luci: bool) -> dict[str, dict[str, Any]]:
+        """python-ubus' method table; for LuCI, every signature also has the session argument."""
+        string = self._ubus.BLOBMSG_TYPE_STRING
+        methods = {}
+        for name, arguments in METHODS.items():
+            signature = dict.fromkeys(arguments, string)
+            if luci:
+                signature[LUCI_SESSION_ARGUMENT] = string
+            methods[name] = {"signature": signature, "method": self._method(name)}
+        return methods
+
     def _method(self, name: str) -> Callable[[Any, Any], None]:
         job, timeout = self._jobs[name]
 
-        async def run() -> Any:
-            answer = job()
+        async def run(args: dict[str, str]) -> Any:
+            answer = job(args)
             return await answer if inspect.isawaitable(answer) else answer
 
-        def handle(handler: Any, _args: Any) -> None:
-            coro = run()
+        def handle(handler: Any, args: Any) -> None:
+            coro = run(args if isinstance(args, dict) else {})
             try:
                 try:
                     pending = asyncio.run_coroutine_threadsafe(coro, self._loop)

@@ -4,8 +4,9 @@ Three processes kinds, all from one program:
 
 * the master (the process procd or the user started) serves no client: it owns
   the ubus connection, reads the settings, holds the port, has the workers
-  started, restarts one that dies, and answers `status`, `sessions` and
-  `reload` for all of them; `__main__.serve` drives it as it drives a `Server`;
+  started, restarts one that dies, and answers `status`, `sessions`, `reload`
+  and `disconnect` (asking the worker whose pid starts the session id) for all
+  of them; `__main__.serve` drives it as it drives a `Server`;
 * the zygote, forked from the master at start-up, before any thread or event
   loop exists, forks a worker whenever the master asks;
 * the workers, each a `Server` with SO_REUSEPORT listening sockets on its own
@@ -47,7 +48,7 @@ length-prefixed pickles (a private channel between a process and its own
 descendants):
 
     master → worker   (seq, op, args)   op: "start" (first, once: settings, interfaces, counters
-                                        slot), "ping", "status", "sessions", "reload"
+                                        slot), "ping", "status", "sessions", "reload", "disconnect"
     worker → master   (seq, ok, value)  value: the answer, or the exception when not ok
 
 A worker stops, closing its sessions, when its channel closes (the master
@@ -551,6 +552,15 @@ class Master:
                 found += [{**session, "worker": worker.pid} for session in answer]
         return found
 
+    async def disconnect(self, session_id: str) -> dict[str, Any]:
+        """Close a session of any worker: its id starts with the worker's pid."""
+        pid = session_id.partition("-")[0]
+        for worker in self.workers:
+            if worker.ready and str(worker.pid) == pid:
+                result: dict[str, Any] = await self._ask(worker, "disconnect", session_id)
+                return result
+        raise LookupError(f"no live session {session_id}")
+
     async def reload(
         self, settings: Settings, interface_addresses: dict[str, list[str]] | None = None
     ) -> dict[str, Any]:
@@ -702,11 +712,13 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, se
                     value = server.sessions()
                 elif op == "reload":
                     value = await server.reload(*args)
+                elif op == "disconnect":
+                    value = server.disconnect(*args)
                 else:
                     raise ValueError(f"unknown request {op!r}")
                 writer.write(_frame((seq, True, value)))
             except Exception as e:  # noqa: BLE001 - the master's to report
-                if not isinstance(e, (SettingsError, ListenError, OSError)):
+                if not isinstance(e, (SettingsError, ListenError, OSError, LookupError)):
                     e = RuntimeError(f"{type(e).__name__}: {e}")
                 writer.write(_frame((seq, False, e)))
     except (asyncio.IncompleteReadError, ConnectionError):
