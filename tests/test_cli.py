@@ -228,8 +228,21 @@ def test_syslog_lines_reach_the_syslog_socket(tmp_path, monkeypatch) -> None:
     assert line.startswith("<30>osocks[") and line.rstrip("\0").endswith("]: a line for syslog")  # daemon.info
 
 
-def test_syslog_missing_falls_back_to_stderr(run_osocks, monkeypatch) -> None:
-    if os.path.exists("/dev/log"):
-        pytest.skip("this machine has a syslog socket")
-    server = run_osocks("-s", "-l", "127.0.0.1", "-p", "0")
-    assert any("no syslog at /dev/log, logging to stderr" in line for line in server.lines)
+def test_syslog_missing_falls_back_to_stderr(tmp_path, monkeypatch, capsys) -> None:
+    import logging
+
+    from osocks import __main__ as app
+
+    missing = str(tmp_path / "no-syslog-here")  # whether or not this machine has /dev/log
+    monkeypatch.setattr(app, "SYSLOG_SOCKET", missing)
+    saved = logging.getLogger().handlers[:], logging.getLogger().level
+    try:
+        app.setup_logging(DEFAULTS.replace(syslog=True))
+        logging.getLogger("osocks").info("a line for stderr")
+    finally:
+        logging.getLogger().handlers[:], level = saved
+        logging.getLogger().setLevel(level)
+    assert capsys.readouterr().err.splitlines() == [
+        f"osocks: WARNING -s: no syslog at {missing}, logging to stderr",
+        "osocks: INFO a line for stderr",
+    ]

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -129,7 +130,11 @@ def test_shell_syntax(shell: list[str], script: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
-@pytest.mark.parametrize("script", [INIT, TEST_SH], ids=["osocks.init", "test.sh"])
+@pytest.mark.parametrize(
+    "script",
+    [INIT, TEST_SH, ROOT / "tests" / "run.sh", ROOT / ".ci" / "run"],
+    ids=["osocks.init", "test.sh", "tests/run.sh", ".ci/run"],
+)
 def test_shellcheck(script: Path) -> None:
     result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
@@ -228,9 +233,9 @@ def test_uvloop_recipe() -> None:
 
 
 def run_test_sh(*args: str, hide_ubus: bool = False) -> subprocess.CompletedProcess[str]:
-    if shutil.which("osocks") is None:
-        pytest.skip("osocks is not on PATH (pip install -e .)")
-    path = os.environ["PATH"]
+    venv_bin = Path(sys.executable).parent  # where pip install -e . put the osocks script
+    path = os.pathsep.join((str(venv_bin), os.environ["PATH"]))
+    assert shutil.which("osocks", path=path), f"osocks is neither in {venv_bin} nor on PATH: pip install -e ."
     if hide_ubus:
         path = os.pathsep.join(d for d in path.split(os.pathsep) if not os.path.exists(os.path.join(d, "ubus")))
     env = {**os.environ, "PATH": path}
