@@ -416,7 +416,9 @@ async def fuzz_round(rng: random.Random, ports: tuple[int, int], echo_port: int)
 
 
 class Problems(logging.Handler):
-    """Formats every record (a bad format argument is a bug too); keeps the errors only."""
+    """Formats every record (a bad format argument is a bug too); keeps the errors, and every
+    general failure (01) answered to a request: the only malformed request that earns one is a
+    CONNECT to port 0, any other is a bug showing as a reply."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -428,7 +430,8 @@ class Problems(logging.Handler):
         except Exception as e:  # noqa: BLE001 - that is what we look for
             self.found.append(f"log record {record.msg!r} does not format: {e!r}")
             return
-        if record.levelno >= logging.ERROR or "Traceback" in text or "Exception in callback" in text:
+        error = record.levelno >= logging.ERROR or "Traceback" in text or "Exception in callback" in text
+        if error or ("(reply general_failure)" in text and "destination port 0 (reply" not in text):
             self.found.append(text)
 
     def loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -70,4 +70,5 @@ async def bind(session: Session, request: socks5.Request) -> None:
     except BaseException:
         conn.close()
         raise
+    session.reached = str(_plain(peer[0]))
     session.succeed(transport, upstream, bound=peer)  # type: ignore[arg-type]

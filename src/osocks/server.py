@@ -221,9 +221,10 @@ class Server:
         self.counters.bytes_down += down
         if log.isEnabledFor(logging.INFO):
             log.info(
-                "client %s -> %s: up %d down %d bytes in %.3fs, %s",
+                "client %s%s%s: up %d down %d bytes in %.3fs, %s",
                 _endpoint(session.client),
-                session.target or "-",
+                f" user {session.user}" if session.user else "",
+                _command_text(session),
                 up,
                 down,
                 time.monotonic() - session.started,
@@ -374,6 +375,14 @@ class _ListeningSocket(socket.socket):
             if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 self.starved_until = time.monotonic() + 0.1
             raise
+
+
+def _command_text(session: Session) -> str:
+    """' CONNECT -> example.org:443 [192.0.2.1]': the command, what the client asked for, what it reached."""
+    if not session.command:
+        return ""
+    reached = f" [{session.reached}]" if session.reached else ""
+    return f" {session.command_name()} -> {session.target}{reached}"
 
 
 _FAMILIES = {"any": socket.AF_UNSPEC, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}

@@ -48,6 +48,7 @@ class Session(asyncio.Protocol):
         "client_eof",
         "command",
         "id",
+        "reached",
     )
 
     def __init__(self, server: Server) -> None:
@@ -69,6 +70,7 @@ class Session(asyncio.Protocol):
         self.client_eof = False
         self.command = 0
         self.id = ""  # given by the server when it admits the session
+        self.reached = ""  # the address a name led to (CONNECT), or BIND's peer: for the log
 
     # -- handshake ---------------------------------------------------------
 
@@ -198,8 +200,11 @@ class Session(asyncio.Protocol):
                 await associate(self, request)
         except ProtocolError as e:
             self.fail(e.reply, str(e))
-        except Exception as e:
+        except OSError as e:  # what a destination or the resolver can cause; timeouts included
             self.fail(socks5.reply_for_error(e), _describe(e))
+        except Exception:  # a bug: say so once, loudly, with its traceback
+            log.exception("client %s: %s failed on an internal error", _endpoint(self.client), self.command_name())
+            self.fail(ReplyCode.GENERAL_FAILURE, "internal error")
 
     # -- CONNECT -----------------------------------------------------------
 
@@ -226,6 +231,8 @@ class Session(asyncio.Protocol):
             except OSError as e:
                 error = e
                 continue
+            if request.address_type == socks5.AddressType.DOMAIN:
+                self.reached = host
             self.succeed(transport, upstream)  # type: ignore[arg-type]
             return
         raise error or OSError("no address to connect to")
@@ -259,6 +266,9 @@ class Session(asyncio.Protocol):
         self.server.counters.replied(ReplyCode.SUCCEEDED)
         self.state = RELAY
         self.buffer = b""
+
+    def command_name(self) -> str:
+        return _COMMAND_NAMES.get(self.command) or f"command {self.command:#04x}"
 
     def local_host(self) -> str:
         """The address the client reached us on (asked only by BIND and UDP ASSOCIATE)."""
@@ -337,6 +347,9 @@ class Session(asyncio.Protocol):
             "bytes_down": down,
             "age": round(time.monotonic() - self.started, 3),
         }
+
+
+_COMMAND_NAMES: dict[int, str] = {Command.CONNECT: "CONNECT", Command.BIND: "BIND", Command.UDP_ASSOCIATE: "UDP"}
 
 
 def _host(host: str) -> str:
