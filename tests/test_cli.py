@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,13 +106,18 @@ def test_version_and_help() -> None:
         (["-p", "http"], "'http' is not a whole number"),
         (["-T", "-5"], "-T"),
         (["-I", "0"], "must be more than 0 ms"),
-        (["-l", "localhost"], "listen: 'localhost' is not an IPv4 or IPv6 address"),
+        (["-l", "localhost"], "-l: 'localhost' is not an IPv4 or IPv6 address"),
+        (["-b", "example.com"], "-b: 'example.com' is not an IPv4 or IPv6 address"),
+        (["--external", "1.2.3"], "--external: '1.2.3' is not an IPv4 or IPv6 address"),
+        (["-4", "-6"], "-4 and -6 exclude each other"),
+        (["-6", "-l", "::1", "-4"], "-4 and -6 exclude each other"),
+        (["-w", "-1"], "'-1' must be 0 or more"),
         (["-n", "many"], "'many' is not a whole number"),
         (["extra"], "unexpected argument"),
         (["-p"], "-p needs a value"),
         (["--no-s"], "unknown option '--no-s'"),  # no abbreviations: a typo is not another flag
         (["--allow-local=yes"], "--allow-local takes no value"),
-        (["--loop", "trio"], "loop: 'trio' is not one of uvloop, asyncio"),
+        (["--loop", "trio"], "--loop: 'trio' is not one of uvloop, asyncio"),
     ],
 )
 def test_bad_flags_print_one_line_and_exit_nonzero(args: list[str], message: str) -> None:
@@ -246,3 +252,20 @@ def test_syslog_missing_falls_back_to_stderr(tmp_path, monkeypatch, capsys) -> N
         f"osocks: WARNING -s: no syslog at {missing}, logging to stderr",
         "osocks: INFO a line for stderr",
     ]
+
+
+def test_sighup_in_one_process_logs_the_reload_once(run_osocks, tmp_path) -> None:
+    users = tmp_path / "users"
+    users.write_text("alice:one\n")
+    server = run_osocks("-l", "127.0.0.1", "-p", "0", "-U", str(users))
+    users.write_text("alice:one\nbob:two\n")
+    server.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not any("reloaded:" in line for line in server.lines):
+        assert time.monotonic() < deadline, server.lines
+        time.sleep(0.02)
+    server.signal(signal.SIGUSR1)  # a line logged after the reload's
+    while not any(" status " in line for line in server.lines):
+        assert time.monotonic() < deadline, server.lines
+        time.sleep(0.02)
+    assert [line for line in server.lines if "reloaded:" in line] == ["osocks: INFO reloaded: users changed\n"]

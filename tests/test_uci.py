@@ -225,7 +225,7 @@ def test_error_names_the_config() -> None:
         ("handshake_timeout", "10s", "handshake_timeout: '10s' is not a number"),
         ("bind_timeout", "0", "bind_timeout: '0' must be more than 0 (milliseconds)"),
         ("family", "ipv5", "family: 'ipv5' is not one of any, ipv4, ipv6"),
-        ("syslog", "maybe", "syslog: 'maybe' is not a boolean"),
+        ("syslog", "maybe", "syslog: 'maybe' is not a boolean (1/0, yes/no, on/off, true/false, enabled/disabled)"),
         ("verbose", "loud", "verbose: 'loud' is not a number"),
         ("workers", "-1", "workers: -1 must be 0 (one per core) or more"),
         ("workers", "two", "workers: 'two' is not a number"),

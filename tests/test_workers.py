@@ -242,6 +242,8 @@ def test_sighup_reaches_every_worker(run_osocks, echo: EchoServer, tmp_path: Pat
     users.write_text("alice:one\nbob:two\n")
     server.signal(signal.SIGHUP)
     status = wait_status(server, lambda s: s["settings"]["users"] == ["alice", "bob"])
+    reloaded = [line for line in server.lines if "reloaded:" in line]
+    assert reloaded == ["osocks: INFO reloaded: users changed\n"]  # once, not once per worker
     totals = [w["total"] for w in status["workers"]]
     assert [login(server.port, b"bob", b"two", echo) for _ in range(20)] == [0] * 20
     status = wait_status(server, lambda s: s["sessions"]["live"] == 0)

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, cli, netinfo
 from .server import ListenError, Server
@@ -80,6 +80,13 @@ async def log_status(server: Server | Master) -> None:
     log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "status %s", (json.dumps(status),), None))
 
 
+def logged(reloaded: dict[str, Any]) -> dict[str, Any]:
+    """A reload's answer, logged once (by the process that serves or the master, never per worker)."""
+    if reloaded["changed"]:
+        log.info("reloaded: %s changed", ", ".join(reloaded["changed"]))
+    return reloaded
+
+
 async def serve(command: cli.Command, settings: Settings, zygote: Zygote | None = None) -> None:
     loop = asyncio.get_running_loop()
     server: Server | Master
@@ -102,7 +109,7 @@ async def serve(command: cli.Command, settings: Settings, zygote: Zygote | None 
             else:  # answering over ubus: netifd can be asked only once that answer is sent
                 addresses = {name: server.interface_addresses.get(name, []) for name in new.interfaces}
                 loop.create_task(follow_interfaces())
-            return await server.reload(new, addresses)
+            return logged(await server.reload(new, addresses))
         except (SettingsError, ListenError, OSError) as e:
             log.error("reload failed, keeping the running config: %s", e)
             return {"error": str(e)}
@@ -111,7 +118,7 @@ async def serve(command: cli.Command, settings: Settings, zygote: Zygote | None 
         addresses = await interfaces(server.settings)
         if addresses != server.interface_addresses:
             try:
-                await server.reload(server.settings, addresses)
+                logged(await server.reload(server.settings, addresses))
             except ListenError as e:
                 log.error("interfaces changed, but: %s", e)
 

@@ -10,6 +10,7 @@ from . import __version__
 from .settings import (
     DEFAULTS,
     Settings,
+    SettingsError,
     parse_networks,
     parse_rules,
     parse_user,
@@ -119,6 +120,7 @@ _OPTIONS: dict[str, tuple[str, str, Any]] = {
     "--uci-dir": ("uci_dir", _SET, str),
     "--ubus-socket": ("ubus_socket", _SET, str),
 }
+_FLAGS = {key: flag for flag, (key, _, _) in reversed(_OPTIONS.items())} | {"family": "-4/-6", "verbosity": "-v/-q"}
 _TAKES_VALUE = {flag for flag, (_, _, value) in _OPTIONS.items() if callable(value)}
 _SHORT = "".join(flag[1] + (":" if flag in _TAKES_VALUE else "") for flag in _OPTIONS if not flag.startswith("--"))
 _LONG = [flag[2:] + ("=" if flag in _TAKES_VALUE else "") for flag in _OPTIONS if flag.startswith("--")]
@@ -202,7 +204,13 @@ class Command:
             changes["client_rules"] = parse_rules("--client-rule", g["client_rule"])
         if "dest_rule" in g:
             changes["dest_rules"] = parse_rules("--dest-rule", g["dest_rule"])
-        return base.replace(**changes)
+        try:
+            return base.replace(**changes)
+        except SettingsError as e:  # named after the field: name the flag that gave it instead
+            field, sep, rest = str(e).partition(": ")
+            if sep and field in changes and field in _FLAGS:
+                raise SettingsError(f"{_FLAGS[field]}: {rest}") from None
+            raise
 
 
 def parse(argv: list[str]) -> Command:
@@ -229,6 +237,8 @@ def parse(argv: list[str]) -> Command:
         if action == _APPEND:
             given.setdefault(key, []).append(value)
         else:
+            if key == "family" and given.get(key, value) != value:
+                raise UsageError("-4 and -6 exclude each other (give neither for both families)")
             given[key] = value
     return Command(given)
 

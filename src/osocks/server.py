@@ -333,18 +333,13 @@ class Server:
         self, settings: Settings, interface_addresses: dict[str, list[str]] | None = None
     ) -> dict[str, Any]:
         """Apply new settings to new sessions; live sessions keep theirs."""
-        old = self.settings
-        changed = [name for name in old.public() if getattr(old, name) != getattr(settings, name)]
         if interface_addresses is None:
             interface_addresses = self.interface_addresses
-        elif interface_addresses != self.interface_addresses:
-            changed.append("interface_addresses")
+        changed = changed_settings(self.settings, settings, self.interface_addresses, interface_addresses)
         opened: list[str] = []
         if any(name in changed for name in (*LISTEN_FIELDS, "interface_addresses")):
             opened = await self._open_listeners(settings, interface_addresses)
         self.settings = settings
-        if changed:
-            log.info("reloaded: %s changed", ", ".join(changed))
         return {"changed": changed, "opened": opened, "listeners": self.status()["listeners"]}
 
     def close(self) -> None:
@@ -356,6 +351,16 @@ class Server:
         for session in list(self.live):
             session.abort("server shutting down")
         self.closed.set()
+
+
+def changed_settings(
+    old: Settings, new: Settings, old_addresses: dict[str, list[str]], new_addresses: dict[str, list[str]]
+) -> list[str]:
+    """What a reload changes: the settings' names, and "interface_addresses" when those differ."""
+    changed = [name for name in old.public() if getattr(old, name) != getattr(new, name)]
+    if new_addresses != old_addresses:
+        changed.append("interface_addresses")
+    return changed
 
 
 class _ListeningSocket(socket.socket):

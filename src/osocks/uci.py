@@ -40,7 +40,8 @@ def _bool(at: str, text: str) -> bool:
     try:
         return BOOLEANS[text.lower()]
     except KeyError:
-        raise SettingsError(f"{at}: {text!r} is not a boolean (1/0, yes/no, on/off, true/false)") from None
+        words = "1/0, yes/no, on/off, true/false, enabled/disabled"
+        raise SettingsError(f"{at}: {text!r} is not a boolean ({words})") from None
 
 
 def _int(at: str, text: str) -> int:

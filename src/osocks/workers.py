@@ -92,7 +92,15 @@ from collections.abc import Coroutine
 from typing import Any
 
 from . import __version__
-from .server import COUNTERS_BYTES, Counters, ListenError, Server, counted_figures, listening_socket
+from .server import (
+    COUNTERS_BYTES,
+    Counters,
+    ListenError,
+    Server,
+    changed_settings,
+    counted_figures,
+    listening_socket,
+)
 from .session import _endpoint
 from .settings import Settings, SettingsError
 
@@ -582,9 +590,7 @@ class Master:
                     raise errors[0]
                 raise ListenError(f"a worker did not reload: {errors[0] or type(errors[0]).__name__}")
             self._commit(settings, interface_addresses, opened)
-        changed = [name for name in old.public() if getattr(old, name) != getattr(settings, name)]
-        if interface_addresses != old_addresses:
-            changed.append("interface_addresses")
+        changed = changed_settings(old, settings, old_addresses, interface_addresses)
         if "workers" in changed:
             log.warning("workers: a new number takes effect when osocks restarts")
         listeners = list(dict.fromkeys(listener for a in answers for listener in a["listeners"]))
