@@ -10,19 +10,26 @@ PKG_NAME:=osocks
 PKG_VERSION:=0.1.0
 PKG_RELEASE:=1
 
+PKG_MAINTAINER:=osocks maintainers <maintainers@users.noreply.b-seed-fdb6a66e.example>
 PKG_LICENSE:=MIT
 
-PKG_BUILD_DEPENDS:=python-setuptools/host
+# setuptools builds the wheel: 24.10's host Python bundles it (its python3-version.mk names
+# PYTHON3_SETUPTOOLS_VERSION), later releases build it as the host package python-setuptools.
+include $(TOPDIR)/feeds/packages/lang/python/python3-version.mk
+PKG_BUILD_DEPENDS:=$(if $(PYTHON3_SETUPTOOLS_VERSION),,python-setuptools/host)
 
 include $(INCLUDE_DIR)/package.mk
 include $(TOPDIR)/feeds/packages/lang/python/python3-package.mk
 
+# DEPENDS: python3-codecs for the idna codec behind every name lookup, python3-openssl for
+# _hashlib (password hashes); tests/test_openwrt_imports.py holds the list against the imports
 define Package/osocks
   SECTION:=net
   CATEGORY:=Network
   SUBMENU:=Web Servers/Proxies
   TITLE:=Small, fast SOCKS5 server (Python, asyncio and uvloop)
-  DEPENDS:=+python3-light +python3-asyncio +python3-logging +python3-ubus +python3-uci +python3-uvloop
+  DEPENDS:=+python3-light +python3-asyncio +python3-logging +python3-codecs +python3-openssl \
+	+python3-ubus +python3-uci +python3-uvloop
   USERID:=osocks:osocks
 endef
 

@@ -22,7 +22,17 @@ MAKEFILE = (ROOT / "Makefile").read_text()
 UVLOOP_MAKEFILE = (ROOT / "feeds" / "python3-uvloop" / "Makefile").read_text()
 INIT = ROOT / "files" / "osocks.init"
 TEST_SH = ROOT / "test.sh"
-DEPENDS = {"python3-light", "python3-asyncio", "python3-logging", "python3-ubus", "python3-uci", "python3-uvloop"}
+DEPENDS = {
+    "python3-light",
+    "python3-asyncio",
+    "python3-logging",
+    "python3-codecs",
+    "python3-openssl",
+    "python3-ubus",
+    "python3-uci",
+    "python3-uvloop",
+}
+MAINTAINER = re.compile(r"[^<>]+ <[^@<>\s]+@[^@<>\s]+>")  # OpenWrt's "Name <address>"
 
 
 def variables(text: str) -> dict[str, str]:
@@ -47,14 +57,15 @@ def test_version_matches_the_python_package() -> None:
 def test_package_name_license_and_build_dependencies() -> None:
     v = variables(MAKEFILE)
     assert (v["PKG_NAME"], v["PKG_LICENSE"]) == ("osocks", "MIT")
+    assert MAINTAINER.fullmatch(v["PKG_MAINTAINER"])
     assert re.fullmatch(r"[1-9][0-9]*", v["PKG_RELEASE"])
-    assert "python-setuptools/host" in v["PKG_BUILD_DEPENDS"].split()
+    assert "python-setuptools/host" in v["PKG_BUILD_DEPENDS"]  # as make reads it: tests/test_openwrt_imports.py
     assert "include $(TOPDIR)/feeds/packages/lang/python/python3-package.mk" in MAKEFILE
     assert "$(eval $(call Py3Package,osocks))" in MAKEFILE
     assert "$(eval $(call BuildPackage,osocks))" in MAKEFILE
 
 
-def test_depends_are_exactly_the_runtime_six() -> None:
+def test_depends_are_exactly_the_runtime_eight() -> None:
     depends = variables(block(MAKEFILE, "Package/osocks"))["DEPENDS"].split()
     assert all(d.startswith("+") for d in depends)
     assert len(depends) == len(DEPENDS) and {d[1:] for d in depends} == DEPENDS
@@ -223,8 +234,17 @@ def test_uvloop_recipe() -> None:
     assert re.fullmatch(r"[0-9a-f]{64}", v["PKG_HASH"])
     assert v["PYPI_NAME"] == "uvloop" and re.fullmatch(r"\d+\.\d+\.\d+", v["PKG_VERSION"])
     depends = variables(block(UVLOOP_MAKEFILE, "Package/python3-uvloop"))["DEPENDS"].split()
-    assert set(depends) == {"+python3-light", "+python3-asyncio", "+python3-openssl", "+libuv"}
-    assert {"python-cython/host", "python-setuptools/host"} <= set(v["PKG_BUILD_DEPENDS"].split())
+    assert set(depends) == {
+        "+python3-light",
+        "+python3-asyncio",
+        "+python3-logging",
+        "+python3-codecs",
+        "+python3-openssl",
+        "+libuv",
+    }
+    assert v["PKG_LICENSE"].split() == ["Apache-2.0", "MIT"]  # OpenWrt splits on spaces: no "OR"
+    assert MAINTAINER.fullmatch(v["PKG_MAINTAINER"])
+    assert "python-cython/host" in v["PKG_BUILD_DEPENDS"] and "python-setuptools/host" in v["PKG_BUILD_DEPENDS"]
     assert "--build-option=--use-system-libuv" in v["PYTHON3_PKG_BUILD_CONFIG_SETTINGS"].split()
     assert "$(eval $(call BuildPackage,python3-uvloop))" in UVLOOP_MAKEFILE
 
