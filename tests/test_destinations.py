@@ -105,7 +105,8 @@ def test_udp_datagrams_to_invalid_names_are_dropped_and_counted(make_server, udp
         status = server.wait_for(lambda s: s["udp"]["dropped"]["invalid"] == len(INVALID_NAMES))
         assert udp_echo.received == [b"good"] and status["sessions"]["live"] == 1
         control.close()
-    server.wait_for(lambda s: s["sessions"]["live"] == 0)
+    status = server.wait_for(lambda s: s["sessions"]["live"] == 0)
+    assert status["udp"]["bytes"] == status["bytes"]["up"] + status["bytes"]["down"] == len(b"good" + b"echo:good")
     assert [r.getMessage() for r in caplog.records if "udp" in r.getMessage() or r.levelno >= logging.WARNING] == []
 
 

@@ -83,3 +83,24 @@ def test_disconnect_closes_the_session_with_that_id(osocks: ServerThread, echo: 
     assert osocks.wait_for(lambda s: s["sessions"]["live"] == 1)
     kept.close()
     closed.close()
+
+
+def test_sweep_keeps_the_pace_of_sessions_from_before_a_reload(make_server, echo: EchoServer) -> None:
+    """A reload to long timeouts must not slow the sweep that times out sessions keeping the old short ones."""
+    server: ServerThread = make_server(idle_timeout=0.4)
+    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)
+    assert code == ReplyCode.SUCCEEDED
+    lazy = server.server.settings.replace(idle_timeout=1000.0, handshake_timeout=1000.0, connect_timeout=1000.0)
+    server.run(server.server.reload(lazy))
+
+    def next_sweep_in() -> float:
+        s = server.server
+        s._ticker.cancel()  # sweep now, and see when the sweep schedules the next one
+        s._tick()
+        return s._ticker.when() - server.loop.time()
+
+    assert server.call(next_sweep_in) <= 0.4 / 8 + 0.01
+    assert wait_closed(sock, timeout=10) == b""  # the old session's 0.4 s idle timeout still holds
+    sock.close()
+    server.wait_for(lambda s: s["sessions"]["live"] == 0)
+    assert server.call(next_sweep_in) == pytest.approx(1.0, abs=0.01)  # none left: the newest settings' pace

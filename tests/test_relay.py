@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import EchoServer, ServerThread, recv_exactly, socks_connect, tunnel, wait_closed
-from osocks import relay, splice
+from osocks import splice
 from osocks.socks5 import ReplyCode
 
 
@@ -21,7 +21,6 @@ def relay_mode(request, monkeypatch) -> str:
     """Every test here runs with the copying relay and with splice(2) from the first byte."""
     if request.param == "splice":
         monkeypatch.setattr(splice, "SPLICE_AFTER", 1)
-        monkeypatch.setattr(relay, "YIELD_AFTER", 1)
     return request.param
 
 

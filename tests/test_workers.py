@@ -357,3 +357,16 @@ def test_workers_from_uci_follow_the_lan_interface(tmp_path: Path, ubusd: str) -
             assert len(openwrt.ubus_call(ubusd, "status")["workers"]) == 2
         finally:
             assert server.stop() == 0
+
+
+def test_w0_counts_the_cores_this_process_may_use(run_osocks) -> None:
+    """-w 0 is one worker per core osocks may run on (sched_getaffinity), not per core of the machine."""
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(saved)})  # inherited by the osocks started now
+    try:
+        server = run_osocks("-l", "127.0.0.1", "-p", "0", "-w", "0")
+    finally:
+        os.sched_setaffinity(0, saved)
+    status = status_of(server)
+    assert "workers" not in status  # one core: one process, no master
+    assert not any("worker processes" in line for line in server.lines)

@@ -57,11 +57,11 @@ class RelayEnd(asyncio.Protocol):
             self.transport.pause_reading()
             return
         self.peer.transport.write(data)
+        if self.splice_after and self.received > self.splice_after:  # bulk: worth a pipe
+            self.spliced = splice.try_start(self)
+            if self.spliced:
+                return
         if len(data) >= YIELD_AFTER:
-            if self.splice_after and self.received > self.splice_after:
-                self.spliced = splice.try_start(self)
-                if self.spliced:
-                    return
             # the loop would read this socket again at once (libuv reads up to 32 times an
             # event): let every other connection have its turn first
             self.yielding = True

@@ -280,8 +280,13 @@ class Server:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        newest = last = self.settings
+        shortest = _shortest_timeout(newest)
         for session in list(self.live):
             settings = session.settings
+            if settings is not last and settings is not newest:  # a session from before a reload
+                shortest = min(shortest, _shortest_timeout(settings))
+                last = settings
             if session.state < COMMAND:
                 if now - session.started > settings.handshake_timeout:
                     session.abort("handshake timeout")
@@ -295,8 +300,7 @@ class Server:
                     session.active = now
                 elif now - session.active > settings.idle_timeout:
                     session.abort("idle timeout")
-        s = self.settings
-        interval = min(1.0, max(0.02, min(s.handshake_timeout, s.idle_timeout, s.connect_timeout) / 8))
+        interval = min(1.0, max(0.02, shortest / 8))
         self._ticker = asyncio.get_running_loop().call_later(interval, self._tick)
 
     # -- status, reload, shutdown ------------------------------------------
@@ -351,6 +355,10 @@ class Server:
         for session in list(self.live):
             session.abort("server shutting down")
         self.closed.set()
+
+
+def _shortest_timeout(settings: Settings) -> float:
+    return min(settings.handshake_timeout, settings.idle_timeout, settings.connect_timeout)
 
 
 def changed_settings(

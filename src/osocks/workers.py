@@ -122,8 +122,9 @@ SLOT_BYTES = max(mmap.PAGESIZE, COUNTERS_BYTES)  # a worker's counters; mmap off
 
 
 def count(settings: Settings) -> int:
-    """How many workers the settings ask for (0: one per core); 1 means no master, no worker: one process."""
-    return settings.workers or os.cpu_count() or 1
+    """How many workers the settings ask for (0: one per core this process may run on); 1 means no
+    master, no worker: one process."""
+    return settings.workers or len(os.sched_getaffinity(0)) or 1
 
 
 class WorkerGone(Exception):
