@@ -1,7 +1,11 @@
 #!/bin/sh
 # Runtime test, as the packages-feed CI runs it once per built package:
 #   sh test.sh PKG_NAME PKG_VERSION
-# osocks must be on PATH. Needs only busybox and python3 (no curl).
+# osocks must be on PATH. Needs only busybox and what the package installs (python3 with the
+# python3-* packages of its DEPENDS: no curl, no bash, no pip). It runs osocks with two workers and
+# a user whose password is hashed by `python3 -m osocks.auth`, and through it: a CONNECT to
+# localhost by name, a UDP datagram to localhost by name, a reload (SIGHUP, and over ubus where
+# ubus is), and the status over ubus where ubus is.
 set -e
 
 case "$1" in
@@ -10,7 +14,6 @@ osocks) ;;
 esac
 
 VERSION="$2"
-PORT=$((18080 + $$ % 1000))
 TMP=$(mktemp -d)
 PIDS=""
 
@@ -32,6 +35,18 @@ fail() {
 	exit 1
 }
 
+# wait_for SECONDS COMMAND...: until COMMAND succeeds, once a second (slow under qemu)
+wait_for() {
+	seconds=$1
+	shift
+	i=0
+	until "$@" >/dev/null 2>&1; do
+		i=$((i + 1))
+		[ "$i" -le "$seconds" ] || return 1
+		sleep 1
+	done
+}
+
 echo "== osocks -V"
 out=$(osocks -V 2>&1) || fail "osocks -V exited with status $?: $out"
 echo "$out"
@@ -50,55 +65,54 @@ if command -v ubus >/dev/null 2>&1; then
 		mkdir -p /var/run/ubus
 		ubusd >"$TMP/ubusd.log" 2>&1 &
 		PIDS="$PIDS $!"
-		i=0
-		until ubus list >/dev/null 2>&1; do
-			i=$((i + 1))
-			[ "$i" -le 20 ] || fail "ubusd did not start: $(cat "$TMP/ubusd.log")"
-			sleep 1
-		done
+		wait_for 20 ubus list || fail "ubusd did not start: $(cat "$TMP/ubusd.log")"
 		UBUS=1
 	fi
 fi
 
-echo "== echo server on 127.0.0.1"
-python3 -c '
-import os, socket, sys
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-s.listen(8)
+# An echo server (TCP and UDP on one port of 127.0.0.1) and a SOCKS5 client, in python3 alone
+cat >"$TMP/echo.py" <<'EOF'
+import os, socket, sys, threading
+
+tcp = socket.socket()
+tcp.bind(("127.0.0.1", 0))
+tcp.listen(8)
+port = tcp.getsockname()[1]
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("127.0.0.1", port))
+
+def echo_udp():
+    while True:
+        data, peer = udp.recvfrom(65535)
+        udp.sendto(b"echo:" + data, peer)
+
+def echo_tcp(conn):
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+threading.Thread(target=echo_udp, daemon=True).start()
 with open(sys.argv[1] + ".tmp", "w") as f:
-    f.write(str(s.getsockname()[1]))
+    f.write(str(port))
 os.rename(sys.argv[1] + ".tmp", sys.argv[1])
 while True:
-    c, _ = s.accept()
-    with c:
-        while data := c.recv(65536):
-            c.sendall(data)
-' "$TMP/echo.port" &
-PIDS="$PIDS $!"
-i=0
-until [ -s "$TMP/echo.port" ]; do
-	i=$((i + 1))
-	[ "$i" -le 60 ] || fail "echo server did not start"
-	sleep 1
-done
-ECHO_PORT=$(cat "$TMP/echo.port")
+    threading.Thread(target=echo_tcp, args=(tcp.accept()[0],), daemon=True).start()
+EOF
 
-echo "== osocks --no-uci -l 127.0.0.1 -p $PORT --allow-local"
-osocks --no-uci -l 127.0.0.1 -p "$PORT" --allow-local >"$TMP/osocks.log" 2>&1 &
-PIDS="$PIDS $!"
-
-echo "== SOCKS5 CONNECT through osocks to the echo server on port $ECHO_PORT"
-python3 -c '
+cat >"$TMP/client.py" <<'EOF'
+# client.py tcp|udp PROXY_PORT USER PASSWORD HOST PORT: one exchange through osocks, by name
 import socket, struct, sys, time
 
-proxy, target = int(sys.argv[1]), int(sys.argv[2])
+mode, proxy, user, password, host, port = sys.argv[1], int(sys.argv[2]), *sys.argv[3:5], sys.argv[5], int(sys.argv[6])
 deadline = time.monotonic() + 60  # slow under qemu-user
 while True:
+    s = socket.socket()  # not create_connection: its getaddrinfo needs the idna codec even for 127.0.0.1
+    s.settimeout(20)
     try:
-        s = socket.create_connection(("127.0.0.1", proxy), timeout=10)
+        s.connect(("127.0.0.1", proxy))
         break
     except OSError as e:
+        s.close()
         if time.monotonic() > deadline:
             sys.exit(f"cannot connect to osocks on port {proxy}: {e}")
         time.sleep(0.2)
@@ -112,35 +126,90 @@ def recv(n):
         data += chunk
     return data
 
-s.sendall(b"\x05\x01\x00")
-if recv(2) != b"\x05\x00":
-    sys.exit("osocks refused the no-authentication method")
-s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", target))
-version, reply, _, kind = recv(4)
-if version != 5 or reply != 0:
-    sys.exit(f"CONNECT failed: version {version}, reply code {reply}")
-recv({1: 4, 4: 16}[kind] + 2)
-payload = b"hello through osocks"
-s.sendall(payload)
-echoed = recv(len(payload))
-if echoed != payload:
-    sys.exit(f"echoed {echoed!r}, expected {payload!r}")
-print("echoed:", echoed.decode())
-' "$PORT" "$ECHO_PORT" || fail "SOCKS5 CONNECT through osocks"
+def reply():
+    version, code, _, kind = recv(4)
+    if version != 5 or code != 0:
+        sys.exit(f"{mode}: version {version}, reply code {code}")
+    raw = recv({1: 4, 4: 16}[kind])
+    return socket.inet_ntop({1: socket.AF_INET, 4: socket.AF_INET6}[kind], raw), struct.unpack("!H", recv(2))[0]
+
+def address(name, number):
+    return b"\x03" + bytes([len(name)]) + name.encode() + struct.pack("!H", number)
+
+s.sendall(b"\x05\x01\x02")
+if recv(2) != b"\x05\x02":
+    sys.exit("osocks did not ask for a username and password")
+s.sendall(b"\x01" + bytes([len(user)]) + user.encode() + bytes([len(password)]) + password.encode())
+if recv(2) != b"\x01\x00":
+    sys.exit(f"login of {user} refused")
+if mode == "tcp":
+    s.sendall(b"\x05\x01\x00" + address(host, port))
+    reply()
+    payload = b"hello through osocks"
+    s.sendall(payload)
+    echoed = recv(len(payload))
+    if echoed != payload:
+        sys.exit(f"echoed {echoed!r}, expected {payload!r}")
+    print("echoed:", echoed.decode())
+else:
+    s.sendall(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+    relay = reply()
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(20)
+    u.sendto(b"\x00\x00\x00" + address(host, port) + b"datagram", relay)
+    answer = u.recvfrom(65535)[0]
+    if not answer.endswith(b"echo:datagram"):
+        sys.exit(f"UDP answer {answer!r}")
+    print("udp echoed:", answer[-13:].decode())
+EOF
+
+echo "== echo server on 127.0.0.1"
+python3 "$TMP/echo.py" "$TMP/echo.port" &
+PIDS="$PIDS $!"
+wait_for 60 test -s "$TMP/echo.port" || fail "echo server did not start"
+ECHO_PORT=$(cat "$TMP/echo.port")
+
+echo "== python3 -m osocks.auth alice (a pbkdf2 hash)"
+echo "wonderland" | python3 -m osocks.auth alice >"$TMP/users" || fail "python3 -m osocks.auth: $(cat "$TMP/users")"
+grep -q '^alice:.pbkdf2-sha256.' "$TMP/users" || fail "osocks.auth wrote: $(cat "$TMP/users")"
+
+echo "== osocks --no-uci -l 127.0.0.1 -p 0 --allow-local -U users -w 2"
+osocks --no-uci -l 127.0.0.1 -p 0 --allow-local -U "$TMP/users" -w 2 >"$TMP/osocks.log" 2>&1 &
+OSOCKS=$!
+PIDS="$PIDS $OSOCKS"
+wait_for 60 grep -q "listening on 127.0.0.1:" "$TMP/osocks.log" || fail "osocks did not start"
+PORT=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$TMP/osocks.log" | head -n 1)
+echo "osocks listens on port $PORT"
+
+echo "== CONNECT to localhost:$ECHO_PORT by name, as alice"
+python3 "$TMP/client.py" tcp "$PORT" alice wonderland localhost "$ECHO_PORT" || fail "CONNECT through osocks"
+python3 "$TMP/client.py" tcp "$PORT" alice wonderland localhost "$ECHO_PORT" >/dev/null || fail "second CONNECT"
+
+echo "== UDP ASSOCIATE, a datagram to localhost:$ECHO_PORT by name"
+python3 "$TMP/client.py" udp "$PORT" alice wonderland localhost "$ECHO_PORT" || fail "UDP through osocks"
+
+echo "== reload (SIGHUP): a new user bob"
+echo "bob:builder" >>"$TMP/users"
+kill -HUP "$OSOCKS"
+wait_for 30 python3 "$TMP/client.py" tcp "$PORT" bob builder localhost "$ECHO_PORT" || fail "bob after SIGHUP"
+echo "bob logs in"
 
 if [ -n "$UBUS" ]; then
 	echo "== ubus call osocks status"
-	i=0
-	until status=$(ubus call osocks status 2>&1); do
-		i=$((i + 1))
-		[ "$i" -le 20 ] || fail "ubus call osocks status: $status"
-		sleep 1
-	done
-	echo "$status"
+	wait_for 20 ubus call osocks status || fail "ubus call osocks status: $(ubus call osocks status 2>&1)"
+	status=$(ubus call osocks status)
 	echo "$status" | grep '"sessions"' || fail "ubus status has no \"sessions\""
 	echo "$status" | grep -E "\"port\": $PORT([^0-9]|\$)" || fail "ubus object osocks is not this osocks (port $PORT)"
+	echo "== reload over ubus: user carol"
+	echo "carol:carol-pw" >>"$TMP/users"
+	ubus call osocks reload || fail "ubus call osocks reload"
+	wait_for 30 python3 "$TMP/client.py" tcp "$PORT" carol carol-pw localhost "$ECHO_PORT" || fail "carol after reload"
+	echo "carol logs in"
 else
 	echo "ubus: not available, skipping status check"
 fi
 
+if grep -q -e Traceback -e "unknown encoding" "$TMP/osocks.log"; then
+	fail "osocks logged an error"
+fi
 echo "PASS"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import osocks
+from openwrt import split
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKEFILE = (ROOT / "Makefile").read_text()
@@ -252,22 +253,51 @@ def test_uvloop_recipe() -> None:
 # --- test.sh against the installed osocks (pip install -e .) ------------------------------------
 
 
-def run_test_sh(*args: str, hide_ubus: bool = False) -> subprocess.CompletedProcess[str]:
+def busybox_path(bin_dir: Path, hide_ubus: bool) -> str:
+    """A PATH as on the router: busybox's applets, python3 and osocks of the package, ubus if present."""
+    busybox = shutil.which("busybox")
+    assert busybox, "busybox is not installed (tests/run.sh installs it)"
+    bin_dir.mkdir()
+    for applet in subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split():
+        (bin_dir / applet).symlink_to(busybox)
     venv_bin = Path(sys.executable).parent  # where pip install -e . put the osocks script
-    path = os.pathsep.join((str(venv_bin), os.environ["PATH"]))
-    assert shutil.which("osocks", path=path), f"osocks is neither in {venv_bin} nor on PATH: pip install -e ."
-    if hide_ubus:
-        path = os.pathsep.join(d for d in path.split(os.pathsep) if not os.path.exists(os.path.join(d, "ubus")))
-    env = {**os.environ, "PATH": path}
-    return subprocess.run(["sh", str(TEST_SH), *args], capture_output=True, text=True, env=env, timeout=60)
+    osocks_script = shutil.which("osocks", path=os.pathsep.join((str(venv_bin), os.environ["PATH"])))
+    assert osocks_script, f"osocks is neither in {venv_bin} nor on PATH: pip install -e ."
+    for name, target in (("python3", sys.executable), ("osocks", osocks_script)):
+        (bin_dir / name).unlink(missing_ok=True)
+        (bin_dir / name).write_text(f'#!{busybox} sh\nexec {target} "$@"\n')  # a venv's python needs its path
+        (bin_dir / name).chmod(0o755)
+    if not hide_ubus:
+        for name in ("ubus", "ubusd"):
+            found = shutil.which(name)
+            if found:
+                (bin_dir / name).unlink(missing_ok=True)
+                (bin_dir / name).symlink_to(found)
+    return str(bin_dir)
 
 
-def test_test_sh_without_ubus() -> None:
-    result = run_test_sh("osocks", osocks.__version__, hide_ubus=True)
+def run_test_sh(tmp_path: Path, *args: str, hide_ubus: bool = False) -> subprocess.CompletedProcess[str]:
+    """test.sh as the packages-feed CI runs it on the router: busybox sh with only busybox's applets,
+    and python3 with only the standard library the package's DEPENDS install (tests/openwrt/guard)."""
+    release = split.release_for_running_python()
+    env = {**os.environ, "PATH": busybox_path(tmp_path / "bin", hide_ubus)}
+    if release is not None:
+        env = split.guard_env(split.installed(release), release, tmp_path / "refused.log", env)
+    busybox = shutil.which("busybox") or "busybox"
+    return subprocess.run([busybox, "sh", str(TEST_SH), *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_test_sh_without_ubus(tmp_path: Path) -> None:
+    result = run_test_sh(tmp_path, "osocks", osocks.__version__, hide_ubus=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "echoed: hello through osocks" in result.stdout
-    assert "ubus: not available, skipping status check" in result.stdout
-    assert result.stdout.rstrip().endswith("PASS")
+    for line in (
+        "echoed: hello through osocks",
+        "udp echoed: echo:datagram",
+        "bob logs in",
+        "ubus: not available, skipping status check",
+    ):
+        assert line in result.stdout
+    assert "-w 2" in result.stdout and result.stdout.rstrip().endswith("PASS")
 
 
 def other_osocks() -> bool:
@@ -283,7 +313,7 @@ def other_osocks() -> bool:
 
 
 @pytest.mark.skipif(shutil.which("ubusd") is None, reason="ubusd is not installed (OpenWrt only)")
-def test_test_sh_with_ubus() -> None:
+def test_test_sh_with_ubus(tmp_path: Path) -> None:
     """test.sh starts its own ubusd; one already running may carry another osocks."""
     if shutil.which("ubus") is None:
         pytest.skip("ubus is not installed (OpenWrt only)")
@@ -296,13 +326,14 @@ def test_test_sh_with_ubus() -> None:
         time.sleep(0.1)
     if other_osocks():
         pytest.skip("another osocks is running: it would register on the ubusd test.sh starts")
-    result = run_test_sh("osocks", osocks.__version__)
+    result = run_test_sh(tmp_path, "osocks", osocks.__version__)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "== ubus call osocks status" in result.stdout and result.stdout.rstrip().endswith("PASS")
+    assert "== ubus call osocks status" in result.stdout and "carol logs in" in result.stdout
+    assert result.stdout.rstrip().endswith("PASS")
 
 
-def test_test_sh_checks_the_version() -> None:
-    result = run_test_sh("osocks", "0.0.0-not-this", hide_ubus=True)
+def test_test_sh_checks_the_version(tmp_path: Path) -> None:
+    result = run_test_sh(tmp_path, "osocks", "0.0.0-not-this", hide_ubus=True)
     assert result.returncode != 0 and "FAIL: osocks -V: expected 'osocks 0.0.0-not-this'" in result.stderr
 
 
