@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import time
 
 import pytest
 
@@ -110,3 +111,34 @@ def test_a_bug_in_a_command_is_an_error_with_its_traceback(make_server, monkeypa
     assert "planted" in caplog.text and "Traceback" in caplog.text
     (line,) = session_lines(caplog)
     assert "internal error (reply general_failure)" in line
+
+
+@pytest.mark.parametrize("where", ["_send_to_name", "_open_outbound"])
+def test_a_bug_in_a_udp_task_is_an_error_with_its_traceback(make_server, monkeypatch, caplog, where: str) -> None:
+    """The tasks UDP starts per datagram are kept and their errors logged by osocks, not left to the
+    collector's "Task exception was never retrieved"."""
+    from osocks import udp
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(udp.Association, where, broken)
+    caplog.set_level(logging.INFO)
+    server = make_server()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.bind(("127.0.0.1", 0))
+        control = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        control.sendall(socks5.encode_greeting(b"\x00") + socks5.encode_request(Command.UDP_ASSOCIATE, "0.0.0.0", 0))
+        assert recv_exactly(control, 2) == b"\x05\x00"
+        _, host, port = read_reply(control)
+        destination = "localhost" if where == "_send_to_name" else "127.0.0.1"
+        client.sendto(socks5.encode_udp_header(destination, 9) + b"x", (host, port))
+        deadline = time.monotonic() + 10
+        while not [r for r in caplog.records if r.levelno >= logging.ERROR]:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.02)
+        control.close()
+    (error,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert error.name == "osocks" and error.getMessage().endswith("broken failed: planted")
+    assert error.exc_info is not None
+    assert "never retrieved" not in caplog.text

@@ -6,6 +6,7 @@ and, where ubusd and python-ubus are installed, from `ubus call osocks status`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -71,7 +72,12 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
 
 
 def children(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    """The process's children, whichever of its threads started them (a new zygote comes from a thread)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return sorted(found)
 
 
 def zygote_and_workers(pid: int) -> tuple[int, set[int]]:
@@ -123,7 +129,7 @@ def test_one_worker_is_one_process(run_osocks) -> None:
 
 def test_zero_workers_is_one_per_core(run_osocks) -> None:
     server = run_osocks("-l", "127.0.0.1", "-p", "0", "-w", "0")
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))
     if cores == 1:
         assert children(server.proc.pid) == []
     else:
@@ -370,3 +376,37 @@ def test_w0_counts_the_cores_this_process_may_use(run_osocks) -> None:
     status = status_of(server)
     assert "workers" not in status  # one core: one process, no master
     assert not any("worker processes" in line for line in server.lines)
+
+
+POLL_SYSCALLS = {"x86_64": {"7", "271"}, "aarch64": {"73"}}  # poll, ppoll: a blocking socket recv with a timeout
+
+
+def waiting_in_poll(pid: int) -> bool:
+    """Some thread of the process is blocked in poll(2), as socket.recv with a timeout is."""
+    wanted = POLL_SYSCALLS.get(os.uname().machine, {"7"})
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()[0] in wanted:
+                return True
+    return False
+
+
+def test_master_keeps_serving_while_the_zygote_does_not_answer(run_osocks) -> None:
+    """Asking the zygote for a worker may wait FORK_TIMEOUT (5 s): not on the master's event loop."""
+    server = run_osocks(*WORKERS)
+    victim = status_of(server)["workers"][0]["pid"]
+    zygote, _ = zygote_and_workers(server.proc.pid)
+    os.kill(zygote, signal.SIGSTOP)
+    try:
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not waiting_in_poll(server.proc.pid):  # the restart is waiting for the zygote's answer
+            assert time.monotonic() < deadline, "the master never asked the zygote for a new worker"
+            time.sleep(0.02)
+        status = status_of(server, timeout=10)
+        assert not any("is gone" in line for line in server.lines)  # answered while the zygote is stuck
+        assert any(worker.get("error") == "restarting" for worker in status["workers"]), status["workers"]
+    finally:
+        os.kill(zygote, signal.SIGKILL)
+    status = wait_status(server, lambda s: all("error" not in w for w in s["workers"]) and s["worker_restarts"] == 1)
+    assert victim not in {w["pid"] for w in status["workers"]}

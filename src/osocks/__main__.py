@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, cli, netinfo
+from . import __version__, cli, netinfo, tasks
 from .server import ListenError, Server
 from .session import _endpoint
 from .settings import DEFAULTS, Settings, SettingsError
@@ -98,7 +98,8 @@ async def serve(command: cli.Command, settings: Settings, zygote: Zygote | None 
         server = Master(settings, zygote)
     for signum in (signal.SIGTERM, signal.SIGINT):  # before ubus starts: libubox would take SIGTERM
         loop.add_signal_handler(signum, server.close)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(log_status(server)))
+    background: set[asyncio.Task[Any]] = set()  # signal handlers' work, and following netifd
+    loop.add_signal_handler(signal.SIGUSR1, lambda: tasks.start(log_status(server), background))
 
     async def reload(ask_netifd: bool = True) -> dict:
         """Re-read the settings and apply them; on error keep the running ones."""
@@ -108,7 +109,7 @@ async def serve(command: cli.Command, settings: Settings, zygote: Zygote | None 
                 addresses = await interfaces(new)
             else:  # answering over ubus: netifd can be asked only once that answer is sent
                 addresses = {name: server.interface_addresses.get(name, []) for name in new.interfaces}
-                loop.create_task(follow_interfaces())
+                tasks.start(follow_interfaces(), background)
             return logged(await server.reload(new, addresses))
         except (SettingsError, ListenError, OSError) as e:
             log.error("reload failed, keeping the running config: %s", e)
@@ -143,12 +144,13 @@ async def serve(command: cli.Command, settings: Settings, zygote: Zygote | None 
 
     try:
         await server.start(await interfaces(settings))
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: tasks.start(reload(), background))
         listeners = ", ".join(_endpoint(address) for address in server.bound_addresses())
         log.info("osocks %s listening on %s", __version__, listeners or "nothing yet")
         await server.closed.wait()
     finally:
         server.close()
+        await server.closed.wait()  # a master's workers and zygote have ended
         if bridge is not None:
             bridge.stop()
     log.info("osocks stopped")

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import socks5
+from . import socks5, tasks
 from .netinfo import plain_address as _plain
 from .socks5 import AddressType, ProtocolError
 
@@ -102,6 +102,7 @@ class Association:
         "up",
         "down",
         "closed",
+        "tasks",
     )
 
     def __init__(self, session: Session, client_port: int) -> None:
@@ -115,6 +116,7 @@ class Association:
         self.reassembly = Reassembly()
         self.up = self.down = 0
         self.closed = False
+        self.tasks: set[asyncio.Task[None]] = set()  # name lookups and outbound sockets being opened
 
     async def open(self, local_host: str) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -151,7 +153,7 @@ class Association:
             self._invalid("destination port 0")
             return
         if header.address_type == AddressType.DOMAIN:
-            asyncio.ensure_future(self._send_to_name(header.host, header.port, payload))
+            tasks.start(self._send_to_name(header.host, header.port, payload), self.tasks)
             return
         self._send(header.host, header.port, payload)
 
@@ -189,7 +191,7 @@ class Association:
             return
         transport = self.outbound.get(family)
         if transport is None:
-            asyncio.ensure_future(self._open_outbound(family, host, port, payload))
+            tasks.start(self._open_outbound(family, host, port, payload), self.tasks)
             return
         self._sendto(transport, host, port, payload)
 
@@ -241,6 +243,8 @@ class Association:
 
     def close(self) -> None:
         self.closed = True
+        for task in list(self.tasks):
+            task.cancel()
         if self.client_side is not None:
             self.client_side.close()
         for transport in self.outbound.values():

@@ -88,10 +88,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from . import __version__
+from . import __version__, tasks
 from .server import (
     COUNTERS_BYTES,
     Counters,
@@ -296,15 +296,13 @@ class Master:
         self.stopping = False
         self.serving = False  # restarts only once every worker has started
         self._lock = asyncio.Lock()  # a reload, or a worker starting: one at a time
+        self._forking = asyncio.Lock()  # the zygote's channel: one request at a time
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.checking: asyncio.Task[None] | None = None
 
     def _task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return tasks.start(coro, self._tasks)
 
     # -- the port ------------------------------------------------------------------------------
 
@@ -387,7 +385,7 @@ class Master:
         ours, theirs = socket.socketpair()
         try:
             with theirs:
-                worker.pid = self._fork_worker(theirs)
+                worker.pid = await self._fork_worker(theirs)
             reader, worker.writer = await asyncio.open_unix_connection(sock=ours)
         except BaseException:
             ours.close()  # a worker already forked sees its channel close, and exits
@@ -406,16 +404,20 @@ class Master:
         worker.unanswered = 0  # a new process: the old one's missed checks are not its own
         worker.ready = True
 
-    def _fork_worker(self, channel: socket.socket) -> int:
-        if self.stopping:
-            raise WorkerGone("osocks is stopping")
-        try:
-            return self.zygote.fork_worker(channel, self.counters_fd, self.settings)
-        except OSError as e:
-            log.warning("the zygote (pid %d) is gone (%s): starting a new one", self.zygote.pid, e)
-        self.zygote.close()
-        self.zygote = Zygote.exec()
-        return self.zygote.fork_worker(channel, self.counters_fd, self.settings)
+    async def _fork_worker(self, channel: socket.socket) -> int:
+        """Ask the zygote for a worker, in a thread: its answer may take up to FORK_TIMEOUT, and
+        replacing a zygote that is gone as long again, while the loop keeps serving ubus and signals."""
+        async with self._forking:  # one request on the zygote's channel at a time
+            if self.stopping:
+                raise WorkerGone("osocks is stopping")
+            zygote = self.zygote
+            try:
+                return await _in_thread(zygote.fork_worker, channel, self.counters_fd, self.settings)
+            except OSError as e:
+                log.warning("the zygote (pid %d) is gone (%s): starting a new one", zygote.pid, e)
+            await _in_thread(zygote.close)
+            self.zygote = await _in_thread(Zygote.exec)
+            return await _in_thread(self.zygote.fork_worker, channel, self.counters_fd, self.settings)
 
     def _slot(self, worker: Worker) -> Counters:
         offset = worker.slot * SLOT_BYTES
@@ -622,12 +624,25 @@ class Master:
                 )
                 os.kill(worker.pid, signal.SIGKILL)
                 worker.watching.cancel()
-        self.zygote.close()
+        async with self._forking:
+            await _in_thread(self.zygote.close)
         for sock in self.reserved.values():
             sock.close()
         self.reserved.clear()
         os.close(self.counters_fd)
         self.closed.set()
+
+
+async def _in_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """function(*args) in the loop's executor.  Cancelled, it still waits for the thread to finish:
+    the caller's sockets stay open for as long as the thread may use them."""
+    future = asyncio.get_running_loop().run_in_executor(None, function, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await future
+        raise
 
 
 def _doubled(backoff: float) -> float:
