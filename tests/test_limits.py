@@ -34,7 +34,7 @@ def test_handshake_timeout_closes_silent_clients(make_server, echo: EchoServer) 
     silent = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     started = time.monotonic()
     assert wait_closed(silent) == b""
-    assert 0.25 < time.monotonic() - started < 2
+    assert 0.25 < time.monotonic() - started < 10  # not before the timeout
     silent.close()
     sock, code, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)  # the slot is free
     assert code == ReplyCode.SUCCEEDED

