@@ -151,7 +151,10 @@ def test_udp_round_trip_with_source_header(osocks: ServerThread, udp_echo: UdpEc
     assert status["udp"]["associations"] == 1 and status["udp"]["datagrams"] == 4
     control.close()
     osocks.wait_for(lambda s: s["sessions"]["live"] == 0)
-    assert exchange(client, relay, socks5.encode_udp_header("127.0.0.1", udp_echo.port) + b"late", timeout=0.5) is None
+    client.connect(relay)  # so that the kernel reports the ICMP port unreachable of a closed relay socket
+    with pytest.raises(ConnectionRefusedError):
+        exchange(client, relay, socks5.encode_udp_header("127.0.0.1", udp_echo.port) + b"late", timeout=10)
+    assert b"late" not in udp_echo.received
     client.close()
 
 
@@ -162,14 +165,17 @@ def test_udp_only_from_the_client(osocks: ServerThread, udp_echo: UdpEcho) -> No
     assert exchange(client, relay, socks5.encode_udp_header("127.0.0.1", udp_echo.port) + b"mine") is not None
     other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     other.bind(("127.0.0.1", 0))  # same IP, another port: the client's port is known by now
-    assert exchange(other, relay, socks5.encode_udp_header("127.0.0.1", udp_echo.port) + b"theirs", 0.5) is None
-    assert b"theirs" not in udp_echo.received
+    other.sendto(socks5.encode_udp_header("127.0.0.1", udp_echo.port) + b"theirs", relay)
     stray = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     stray.bind(("127.0.0.1", 0))
     stray.sendto(b"unsolicited", relay)  # not a destination the client sent to: not passed on
-    client.settimeout(0.3)
-    with pytest.raises(TimeoutError):
-        client.recvfrom(65535)
+    # the relay reads its socket in order: once the client's next datagram is echoed, those two were handled
+    answer = exchange(client, relay, socks5.encode_udp_header("127.0.0.1", udp_echo.port) + b"after", 10)
+    assert answer is not None and answer.endswith(b"echo:after")  # the first thing the client gets back
+    assert udp_echo.received == [b"mine", b"after"]
+    other.settimeout(0)
+    with pytest.raises(BlockingIOError):
+        other.recvfrom(65535)
     for s in (client, other, stray, control):
         s.close()
 
@@ -186,8 +192,9 @@ def test_udp_fragments_are_reassembled(osocks: ServerThread, udp_echo: UdpEcho) 
     # a lost fragment (2 missing) discards the queue: nothing is sent
     for frag, part in ((1, b"a"), (0x83, b"c")):
         client.sendto(socks5.encode_udp_header("127.0.0.1", udp_echo.port, frag) + part, relay)
-    time.sleep(0.3)
-    assert udp_echo.received == [b"one-two-three"]
+    answer = exchange(client, relay, socks5.encode_udp_header("127.0.0.1", udp_echo.port) + b"whole", 10)
+    assert answer is not None and answer.endswith(b"echo:whole")  # handled after the broken queue
+    assert udp_echo.received == [b"one-two-three", b"whole"]
     control.close()
     client.close()
 
@@ -209,21 +216,35 @@ def test_reassembly_queue_rules() -> None:
 def test_udp_denied_destination_is_dropped(make_server, udp_echo: UdpEcho) -> None:
     from osocks.settings import parse_rules
 
-    server = make_server(dest_rules=parse_rules("test", ["deny 127.0.0.1"]))
+    allowed = UdpEcho()
+    server = make_server(dest_rules=parse_rules("test", [f"deny 127.0.0.1 port {udp_echo.port}"]))
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client.bind(("127.0.0.1", 0))
     control, relay = associate(server.port, client)
-    assert exchange(client, relay, socks5.encode_udp_header("127.0.0.1", udp_echo.port) + b"no", 0.5) is None
-    assert udp_echo.received == []
+    client.sendto(socks5.encode_udp_header("127.0.0.1", udp_echo.port) + b"no", relay)
+    answer = exchange(client, relay, socks5.encode_udp_header("127.0.0.1", allowed.port) + b"yes", 10)
+    assert answer is not None and answer.endswith(b"echo:yes")  # the first answer: the denied one got none
+    assert udp_echo.received == [] and allowed.received == [b"yes"]
     control.close()
     client.close()
+    allowed.close()
 
 
 def test_udp_idle_timeout_ends_the_association(make_server, udp_echo: UdpEcho) -> None:
-    server = make_server(idle_timeout=0.4)
+    """Datagrams keep an association alive past the idle timeout; once they stop, it ends."""
+    server = make_server(idle_timeout=1.0)
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client.bind(("127.0.0.1", 0))
     control, relay = associate(server.port, client)
-    assert wait_closed(control, timeout=3) == b""
+    control.setblocking(False)
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5:
+        answer = exchange(client, relay, socks5.encode_udp_header("127.0.0.1", udp_echo.port) + b"tick", 10)
+        assert answer is not None and answer.endswith(b"echo:tick")
+        with pytest.raises(BlockingIOError):  # the control connection is still open
+            control.recv(1)
+        time.sleep(0.1)
+    assert server.status()["sessions"]["live"] == 1
+    assert wait_closed(control, timeout=10) == b""
     control.close()
     client.close()

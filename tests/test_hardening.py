@@ -213,35 +213,41 @@ def closed_by_peer(sock: socket.socket) -> bool:
             return True
 
 
-def timed_tunnel(proxy_port: int, dest_port: int) -> float:
-    started = time.monotonic()
+def served_tunnel(proxy_port: int, dest_port: int) -> None:
     sock = open_tunnel(proxy_port, dest_port)
     with sock:
         echo_round_trip(sock)
-    return time.monotonic() - started
+
+
+SLOWLORIS_TIMEOUT = 10.0  # handshake timeout: the slow clients are all still there while new ones are served
+DRIP_NAME = "a-name-longer-than-the-handshake-timeout-in-seconds.test"  # one byte a second never finishes
 
 
 def test_slowloris_does_not_starve_new_clients(make_server, echo: EchoServer, nofile) -> None:
+    """SLOW (~11 s): new clients are served while every slow one still holds its place."""
     nofile(4 * SLOWLORIS + 512)
-    server: ServerThread = make_server(handshake_timeout=2.5)
+    server: ServerThread = make_server(handshake_timeout=SLOWLORIS_TIMEOUT)
     idle = [connect_idle(server.port) for _ in range(SLOWLORIS - DRIPPERS)]
     slow = [connect_idle(server.port) for _ in range(DRIPPERS)]
-    dripper = Dripper(slow, connect_hello(echo.port))
+    dripper = Dripper(slow, socks5.encode_greeting(NO_AUTH) + socks5.encode_request(Command.CONNECT, DRIP_NAME, 80))
     dripper.start()
     try:
-        server.wait_for(lambda s: s["sessions"]["live"] == SLOWLORIS, timeout=5)
+        server.wait_for(lambda s: s["sessions"]["live"] == SLOWLORIS, timeout=10)
         for _ in range(3):
-            assert timed_tunnel(server.port, echo.port) < 2.0  # a correctness bound, not a benchmark
-        assert server.status()["sessions"]["live"] >= SLOWLORIS  # the slow ones were all still there
+            served_tunnel(server.port, echo.port)
+        status = server.status()  # served before any slow one timed out, so not by waiting for their places
+        assert status["sessions"]["live"] >= SLOWLORIS and status["sessions"]["total"] == SLOWLORIS + 3
         everyone = idle + slow
-        wait_until(lambda: all(closed_by_peer(sock) for sock in everyone), 8, "the handshake timeout closes them all")
-        server.wait_for(lambda s: s["sessions"]["live"] == 0, timeout=3)
+        wait_until(
+            lambda: all(closed_by_peer(sock) for sock in everyone), 30, "the handshake timeout closes them all", 0.2
+        )
+        server.wait_for(lambda s: s["sessions"]["live"] == 0, timeout=10)
     finally:
         dripper.stopped.set()
         dripper.join(5)
         for sock in idle + slow:
             sock.close()
-    assert timed_tunnel(server.port, echo.port) < 2.0
+    served_tunnel(server.port, echo.port)
     assert server.status()["sessions"]["total"] == SLOWLORIS + 4
 
 
@@ -269,12 +275,14 @@ def test_fd_exhaustion_keeps_serving_without_spinning(loop: str, tmp_path: Path,
     tunnel = open_tunnel(server.port, echo.port)
     echo_round_trip(tunnel)
     hogs = open_hogs(server.port, HOGS)
+    exhausted = time.monotonic()
     try:
-        wait_until(lambda: fd_count(pid) >= FD_LIMIT - 1, 5, f"osocks runs out of fds (has {fd_count(pid)})")
-        before = cpu_seconds(pid)
-        time.sleep(2.0)
-        spent = cpu_seconds(pid) - before
-        assert spent < 0.5, f"osocks spins while out of fds: {spent:.2f}s CPU in 2s"
+        wait_until(lambda: fd_count(pid) >= FD_LIMIT - 1, 10, f"osocks runs out of fds (has {fd_count(pid)})")
+        # a spinning loop takes a whole core (or what a loaded machine leaves it); a waiting one, almost nothing
+        window, before = time.monotonic(), cpu_seconds(pid)
+        time.sleep(2.0)  # the window the CPU share is measured over, not a wait for something
+        share = (cpu_seconds(pid) - before) / (time.monotonic() - window)
+        assert share < 0.25, f"osocks spins while out of fds: {share:.0%} of a core"
         assert server.proc.poll() is None
         echo_round_trip(tunnel, b"still here")  # a live session is served meanwhile
     finally:
@@ -286,16 +294,17 @@ def test_fd_exhaustion_keeps_serving_without_spinning(loop: str, tmp_path: Path,
     echo_round_trip(tunnel)
     fresh.close()
     tunnel.close()
+    hogged = time.monotonic() - exhausted  # the stock loop retries a failed accept() once a second meanwhile
     assert server.stop() == 0
     logged = sum("out of system resource" in line for line in server.lines)  # the stock loop's, once per retry
-    assert logged <= 10, f"{logged} accept() failures logged in a few seconds"
+    assert logged <= hogged + 2, f"{logged} accept() failures logged in {hogged:.1f} s"  # not a flood
 
 
 # -- 3. malformed input -------------------------------------------------------------
 
 SEED = 20240517
 FUZZ_ROUND = 1000  # connections per round; two rounds
-FUZZ_BUDGET = 10.0  # seconds per round, at most
+FUZZ_BUDGET = 60.0  # seconds per round, at most: a bound for a stuck server, not a benchmark
 FUZZ_CONCURRENCY = 100
 FUZZ_READ = 0.3  # seconds a fuzz client waits for the server's answer
 MEMORY_GROWTH = 512 * 1024  # bytes a second round may leave behind, at most
@@ -488,8 +497,11 @@ def never_awaited(recorded: pytest.WarningsRecorder) -> list[str]:
 
 
 def settle(servers: list[ServerThread]) -> None:
+    """Every session ended and every connection closed (the servers run in this process)."""
     for server in servers:
-        server.wait_for(lambda s: s["sessions"]["live"] == 0, timeout=5)
+        server.wait_for(lambda s: s["sessions"]["live"] == 0, timeout=10)
+    pid = os.getpid()
+    wait_until(lambda: set(tcp_states(pid)) <= {TCP_LISTEN}, 10, f"only listeners left: {tcp_states(pid)}")
     gc.collect()
 
 
@@ -502,13 +514,13 @@ def test_fuzzed_handshakes(make_server, echo: EchoServer, problems: Problems, re
     ]
     ports = (servers[0].port, servers[1].port)
     rng = random.Random(SEED)
-    assert asyncio.run(fuzz_round(rng, ports, echo.port)) > FUZZ_ROUND // 2
+    assert asyncio.run(fuzz_round(rng, ports, echo.port)) == FUZZ_ROUND
     settle(servers)
     osocks_log = logging.getLogger("osocks")
     osocks_log.setLevel(logging.ERROR)  # lines kept by pytest's log capture are not the server's memory
     tracemalloc.start()
     try:
-        assert asyncio.run(fuzz_round(rng, ports, echo.port)) > FUZZ_ROUND // 2
+        assert asyncio.run(fuzz_round(rng, ports, echo.port)) == FUZZ_ROUND
         settle(servers)
         grown = tracemalloc.get_traced_memory()[0]
     finally:

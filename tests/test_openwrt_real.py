@@ -116,16 +116,20 @@ def test_reload_keeps_a_running_transfer(osocks_uci, http_server: HttpServer) ->
     sock.sendall(b"GET /10M HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     body = bytearray()
+    started, reloaded = threading.Event(), threading.Event()
 
-    def read_slowly() -> None:
+    def read_around_the_reloads() -> None:
+        """A first megabyte, then nothing until the reloads are done: the transfer is mid-way through them."""
+        while len(body) < 1_000_000 and (chunk := sock.recv(65536)):
+            body.extend(chunk)
+        started.set()
+        reloaded.wait(30)
         while chunk := sock.recv(65536):
             body.extend(chunk)
-            if len(body) < 2_000_000:
-                time.sleep(0.01)
 
-    reader = threading.Thread(target=read_slowly)
+    reader = threading.Thread(target=read_around_the_reloads)
     reader.start()
-    time.sleep(0.3)
+    assert started.wait(30)
     assert ubus_call(server.sock, "sessions")["sessions"][0]["destination"] == f"127.0.0.1:{http_server.port}"
 
     (confdir / "osocks").write_text(CONFIG.format(port=port, max_sessions=7) + "\tlist listen '127.0.0.2'\n")
@@ -139,6 +143,8 @@ def test_reload_keeps_a_running_transfer(osocks_uci, http_server: HttpServer) ->
     assert "max_sessions" in bad["error"] and "'lots'" in bad["error"]
     assert ubus_call(server.sock, "status")["settings"]["max_sessions"] == 7  # the old config stays
 
+    assert len(body) < len(http_server.big)  # still under way
+    reloaded.set()
     reader.join(60)
     sock.close()
     head, _, data = bytes(body).partition(b"\r\n\r\n")

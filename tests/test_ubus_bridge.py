@@ -285,11 +285,9 @@ def test_slow_answer_times_out(
 ) -> None:
     monkeypatch.setattr(bridge_module, "RELOAD_TIMEOUT", 0.3)
     fake = Fake()
-    fake.reload_delay = 3.0
+    fake.reload_delay = 60.0  # far past the CLI's own 5 s timeout: an answer at all is the timeout's
     make_bridge(fake)
-    started = time.monotonic()
     assert call_json(sock, "reload") == {"error": "no answer within 0.3 s"}
-    assert time.monotonic() - started < 2.5
     assert call_json(sock, "status")["sessions"] == 2
 
 
@@ -320,7 +318,7 @@ def test_stop_joins_and_unregisters(sock: str, make_bridge: Callable[[Fake], Ubu
     assert "osocks" in cli(sock, "list").stdout
     started = time.monotonic()
     bridge.stop()
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 10
     assert "osocks" not in cli(sock, "list").stdout
     with pytest.raises(RuntimeError, match="not running"):
         bridge.call("peer", "echo", {}).result(0.1)
@@ -334,12 +332,12 @@ def test_children_exit_codes_are_kept(make_bridge: Callable[[Fake], UbusBridge])
     assert [subprocess.run(["false"]).returncode for _ in range(20)] == [1] * 20
 
 
-def test_sigterm_handler_installed_first_is_kept(make_bridge: Callable[[Fake], UbusBridge]) -> None:
+def test_sigterm_handler_installed_first_is_kept(sock: str, make_bridge: Callable[[Fake], UbusBridge]) -> None:
     got = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.set())
     try:
         make_bridge(Fake())
-        time.sleep(0.3)  # a loop slice has run uloop_init
+        assert call_json(sock, "status")["up"] is True  # answered: the ubus thread has run uloop_init
         os.kill(os.getpid(), signal.SIGTERM)
         assert got.wait(5)
     finally:
