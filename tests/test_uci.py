@@ -18,6 +18,7 @@ from osocks.uci import settings_from_sections
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "files" / "osocks.config"
+SCRYPT = "$scrypt$1024$8$1$" + "00" * 16 + "$" + "11" * 32  # well formed (no password matches it)
 
 
 def parse_uci_text(text: str) -> dict[str, dict[str, object]]:
@@ -71,7 +72,7 @@ def test_every_option(tmp_path: Path) -> None:
             syslog="1",
             verbose="1",
             workers="0",
-            user=("alice:secret1", "bob:$scrypt$abc"),
+            user=("alice:secret1", f"bob:{SCRYPT}"),
             user_file=str(users),
             anonymous=("192.168.1.0/24", "fd00::/8"),
             client_rule=("allow 192.168.1.0/24", "deny all"),
@@ -96,7 +97,7 @@ def test_every_option(tmp_path: Path) -> None:
         syslog=True,
         verbosity=1,
         workers=0,
-        users=(User("alice", "secret1"), User("bob", "$scrypt$abc"), User("carol", "secret3")),
+        users=(User("alice", "secret1"), User("bob", SCRYPT), User("carol", "secret3")),
         anonymous=(ipaddress.ip_network("192.168.1.0/24"), ipaddress.ip_network("fd00::/8")),
         client_rules=(parse_rule("allow 192.168.1.0/24"), parse_rule("deny all")),
         dest_rules=(parse_rule("deny 10.0.0.0/8 port 1-1023"),),
@@ -106,7 +107,7 @@ def test_every_option(tmp_path: Path) -> None:
         splice=False,
         loop="asyncio",
     )
-    assert [u.secret for u in s.users] == ["secret1", "$scrypt$abc", "secret3"]
+    assert [u.secret for u in s.users] == ["secret1", SCRYPT, "secret3"]
 
 
 @pytest.mark.parametrize("verbose, level", [("0", 0), ("1", 1), ("-1", -1), ("-2", -2)])
@@ -231,7 +232,7 @@ def test_error_names_the_config() -> None:
         ("workers", "two", "workers: 'two' is not a number"),
         ("listen", "lan", "listen: 'lan' is not an IPv4 or IPv6 address"),
         ("user", ("alice",), "user: 'alice' must be written user:password"),
-        ("user", ":pw", "user: '' must be written user:password"),
+        ("user", ":pw", "user: the user name before ':' is empty"),
         ("user_file", "/nonexistent/osocks.users", "user_file: '/nonexistent/osocks.users': No such file"),
         ("anonymous", "192.168.1.300/24", "anonymous: '192.168.1.300/24' is not a network"),
         ("client_rule", "permit all", "client_rule: 'permit all' is not a rule"),
@@ -349,3 +350,20 @@ def test_libuci_errors(dirs: tuple[Path, Path]) -> None:
     (confdir / "osocks").write_text("config osocks 'main'\n\toption port 'x'\n")
     with pytest.raises(SettingsError, match=r"^uci osocks\.main\.port: 'x' is not a number$"):
         uci.load(confdir=str(confdir), savedir=str(savedir))
+
+
+def test_a_user_file_without_users_is_refused(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text("# nobody yet\n\n")
+    with pytest.raises(SettingsError, match=rf"^uci osocks\.main\.user_file: '{users}' lists no user"):
+        settings_from_sections(main(user_file=str(users), user=("alice:pw",)))
+
+
+def test_a_user_listed_twice_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"^uci osocks\.main\.user: user 'alice' is listed twice"):
+        settings_from_sections(main(user=("alice:one", "bob:x", "alice:two")))
+    users = tmp_path / "users"
+    users.write_text("bob:y\n")
+    message = rf"^uci osocks\.main\.user_file {users}:1: user 'bob' is listed twice \(also at uci osocks\.main\.user\)"
+    with pytest.raises(SettingsError, match=message):
+        settings_from_sections(main(user=("alice:one", "bob:x"), user_file=str(users)))

@@ -410,3 +410,18 @@ def test_master_keeps_serving_while_the_zygote_does_not_answer(run_osocks) -> No
         os.kill(zygote, signal.SIGKILL)
     status = wait_status(server, lambda s: all("error" not in w for w in s["workers"]) and s["worker_restarts"] == 1)
     assert victim not in {w["pid"] for w in status["workers"]}
+
+
+def test_workers_start_with_a_thousand_hashed_users(run_osocks, echo: EchoServer, tmp_path: Path) -> None:
+    """The settings reach each worker whatever their size (a zygote message once held them: 64 KiB)."""
+    from osocks import auth
+
+    users = tmp_path / "users"
+    users.write_text("".join(f"user{i}:{auth.hash_password(f'pw{i}', iterations=1)}\n" for i in range(1000)))
+    server = run_osocks(*WORKERS, "-U", str(users))
+    status = wait_status(
+        server, lambda s: len(s["workers"]) == 2 and all("pid" in w and "error" not in w for w in s["workers"])
+    )
+    assert len(status["settings"]["users"]) == 1000
+    assert [login(server.port, b"user999", b"pw999", echo) for _ in range(8)] == [ReplyCode.SUCCEEDED] * 8
+    assert login(server.port, b"user0", b"pw1", echo) == 0xFF

@@ -14,7 +14,8 @@ from .settings import (
     parse_networks,
     parse_rules,
     parse_user,
-    read_user_file,
+    unique_users,
+    user_file_entries,
 )
 
 USAGE = """\
@@ -33,7 +34,7 @@ Usage: osocks [-l addr] [-p port] [-n num] [-I idle-timeout] [-T connect-timeout
   -w N                        worker processes (1; 0: one per core)
   -u USER:PASSWORD            require username/password (repeatable)
   -U FILE                     users from FILE, one user:password per line
-                              (hashed forms: python3 -m osocks.auth USER)
+                              (hashed forms: python3 -m osocks.auth [--scrypt] USER)
   --anonymous CIDR            clients from CIDR need no password (repeatable)
   --client-rule RULE          e.g. 'allow 192.168.1.0/24', 'deny all' (repeatable, first match wins)
   --dest-rule RULE            e.g. 'deny 10.0.0.0/8 port 1-1023' (repeatable, checked after resolving)
@@ -193,11 +194,11 @@ class Command:
             changes["interfaces"] = tuple(g["interface"])
             if "listen" not in g:
                 changes["listen"] = ()
-        users = tuple(parse_user(text, "-u") for text in g.get("user", ()))
+        users = [("-u", parse_user(text, "-u")) for text in g.get("user", ())]
         for path in g.get("user_file", ()):
-            users += read_user_file(path, "-U")
+            users += user_file_entries(path, "-U")
         if users:
-            changes["users"] = users
+            changes["users"] = unique_users(users)
         if "anonymous" in g:
             changes["anonymous"] = parse_networks("--anonymous", g["anonymous"])
         if "client_rule" in g:

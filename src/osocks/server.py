@@ -16,7 +16,7 @@ from typing import Any
 from . import __version__, netinfo
 from .rules import allowed, first_match
 from .session import COMMAND, RELAY, Session, _endpoint
-from .settings import Settings
+from .settings import Settings, User
 from .socks5 import Command, ProtocolError, ReplyCode
 
 log = logging.getLogger("osocks")
@@ -35,6 +35,7 @@ COUNTED = (
     "peak",
     "refused",
     "denied",
+    "revoked",  # sessions closed by a reload that removed their user or changed the password
     "auth_failures",
     "bytes_up",  # of finished sessions; live ones are added in status()
     "bytes_down",
@@ -64,7 +65,14 @@ def _counted(name: str) -> Any:
 def counted_figures(c: Counters, live: int = 0, live_up: int = 0, live_down: int = 0) -> dict[str, Any]:
     """The counters as the status shows them, with the live sessions and the bytes they moved so far."""
     return {
-        "sessions": {"live": live, "total": c.total, "peak": c.peak, "refused": c.refused, "denied": c.denied},
+        "sessions": {
+            "live": live,
+            "total": c.total,
+            "peak": c.peak,
+            "refused": c.refused,
+            "denied": c.denied,
+            "revoked": c.revoked,
+        },
         "auth_failures": c.auth_failures,
         "replies": dict(zip((code.name.lower() for code in ReplyCode), c.replies, strict=True)),
         "bytes": {"up": c.bytes_up + live_up, "down": c.bytes_down + live_down},
@@ -88,6 +96,7 @@ class Counters:
     peak = _counted("peak")
     refused = _counted("refused")
     denied = _counted("denied")
+    revoked = _counted("revoked")
     auth_failures = _counted("auth_failures")
     bytes_up = _counted("bytes_up")
     bytes_down = _counted("bytes_down")
@@ -344,7 +353,31 @@ class Server:
         if any(name in changed for name in (*LISTEN_FIELDS, "interface_addresses")):
             opened = await self._open_listeners(settings, interface_addresses)
         self.settings = settings
-        return {"changed": changed, "opened": opened, "listeners": self.status()["listeners"]}
+        revoked = self.revoke_logins() if "users" in changed else 0
+        return {"changed": changed, "opened": opened, "listeners": self.status()["listeners"], "revoked": revoked}
+
+    def login_allowed(self, login: User) -> bool:
+        """Whether the settings still have this user with this secret (or no users at all: anyone may)."""
+        users = self.settings.users
+        return not users or any(user.name == login.name and user.secret == login.secret for user in users)
+
+    def revoke_logins(self) -> int:
+        """Close the live sessions whose user the settings removed or gave another secret; how many."""
+        secrets = {user.name: user.secret for user in self.settings.users}
+        closed: dict[str, int] = {}
+        for session in list(self.live):
+            login = session.login
+            if login is not None and secrets and secrets.get(login.name) != login.secret:
+                closed[login.name] = closed.get(login.name, 0) + 1
+                session.abort("closed by reload: user removed or password changed")
+        if closed:
+            self.counters.revoked += sum(closed.values())
+            log.warning(
+                "reload: closed %d sessions of users removed or with a new password: %s",
+                sum(closed.values()),
+                ", ".join(f"{name} ({n})" for name, n in sorted(closed.items())),
+            )
+        return sum(closed.values())
 
     def close(self) -> None:
         for listener in self.listeners.values():

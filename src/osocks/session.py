@@ -19,6 +19,7 @@ from .udp import Association, associate
 
 if TYPE_CHECKING:
     from .server import Server
+    from .settings import User
 
 log = logging.getLogger("osocks")
 
@@ -44,6 +45,7 @@ class Session(asyncio.Protocol):
         "upstream_end",
         "task",
         "user",
+        "login",
         "udp",
         "client_eof",
         "command",
@@ -66,6 +68,7 @@ class Session(asyncio.Protocol):
         self.upstream_end: relay.RelayEnd | None = None
         self.task: asyncio.Task | None = None
         self.user = ""
+        self.login: User | None = None  # the configured user this client logged in as
         self.udp: Association | None = None
         self.client_eof = False
         self.command = 0
@@ -149,7 +152,7 @@ class Session(asyncio.Protocol):
         if verdict is not None:
             self._authenticated(credentials.username, verdict)
             return
-        self.state = CHECKING  # a password hash to compute: off the event loop
+        self.state = CHECKING  # a password hash to compute (a dummy one for a failure): off the event loop
         future = asyncio.get_running_loop().run_in_executor(
             None, auth.check_password, users, credentials.username, credentials.password
         )
@@ -158,7 +161,8 @@ class Session(asyncio.Protocol):
     def _hash_checked(self, username: bytes, future: asyncio.Future) -> None:
         if self.state != CHECKING:
             return
-        self._authenticated(username, not future.cancelled() and future.exception() is None and future.result())
+        ok = not future.cancelled() and future.exception() is None and future.result()
+        self._authenticated(username, ok)
         if self.state == REQUEST:
             self.transport.resume_reading()
             try:
@@ -169,7 +173,11 @@ class Session(asyncio.Protocol):
     def _authenticated(self, username: bytes, ok: bool) -> None:
         name = username.decode("utf-8", "replace")
         if ok:
+            login = next(user for user in self.settings.users if user.name.encode() == username)
+            ok = self.settings is self.server.settings or self.server.login_allowed(login)  # a reload since?
+        if ok:
             self.user = name
+            self.login = login
             self.transport.write(socks5.auth_reply(True))
             self.state = REQUEST
             return

@@ -78,6 +78,10 @@ class Settings:
                 check_address(name, value)
         if not self.listen and not self.interfaces:
             raise SettingsError("listen: no listen address and no interface given")
+        names = [user.name for user in self.users]
+        if len(set(names)) != len(names):
+            twice = next(name for name in names if names.count(name) > 1)
+            raise SettingsError(f"users: user {twice!r} is listed twice")
 
     def replace(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -109,27 +113,58 @@ def check_address(name: str, address: str) -> None:
 
 
 def parse_user(text: str, option: str = "user") -> User:
+    """`user:password` (or `user:HASH`); SettingsError naming the option for anything a login could never match."""
     name, sep, secret = text.partition(":")
-    if not sep or not name:
-        raise SettingsError(f"{option}: {text.split(':')[0]!r} must be written user:password")
-    if len(name.encode()) > 255 or len(secret.encode()) > 255 and not secret.startswith("$"):
+    if not sep:
+        raise SettingsError(f"{option}: {text!r} must be written user:password")
+    if not name:
+        raise SettingsError(f"{option}: the user name before ':' is empty (write user:password)")
+    hashed = False
+    if secret.startswith("$"):
+        from . import auth  # hashlib only where there are users
+
+        problem = auth.hash_problem(secret)
+        if problem is not None:
+            raise SettingsError(f"{option}: user {name!r}: {problem}")
+        hashed = auth.is_hashed(secret)
+    if len(name.encode()) > 255 or len(secret.encode()) > 255 and not hashed:
         raise SettingsError(f"{option}: {name!r}: user and password are 255 bytes at most (RFC 1929)")
     return User(name, secret)
 
 
-def read_user_file(path: str, option: str = "user_file") -> tuple[User, ...]:
-    """One user:password per line; blank lines and lines starting with # are skipped."""
+def user_file_entries(path: str, option: str = "user_file") -> list[tuple[str, User]]:
+    """(where, user) for each user:password line of the file; blank lines and lines starting with #
+    are skipped.  A file with no user at all is an error: it would leave the proxy open."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as e:
         raise SettingsError(f"{option}: {path!r}: {e.strerror}") from None
-    users = []
+    except UnicodeDecodeError:
+        raise SettingsError(f"{option}: {path!r}: not UTF-8 text") from None
+    entries = []
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if line and not line.startswith("#"):
-            users.append(parse_user(line, f"{option} {path}:{number}"))
-    return tuple(users)
+            where = f"{option} {path}:{number}"
+            entries.append((where, parse_user(line, where)))
+    if not entries:
+        raise SettingsError(f"{option}: {path!r} lists no user (only blank lines or comments)")
+    return entries
+
+
+def read_user_file(path: str, option: str = "user_file") -> tuple[User, ...]:
+    return unique_users(user_file_entries(path, option))
+
+
+def unique_users(entries: list[tuple[str, User]]) -> tuple[User, ...]:
+    """The users of (where, user) entries; SettingsError naming a user listed twice, and where."""
+    first: dict[str, str] = {}
+    for where, user in entries:
+        if user.name in first:
+            raise SettingsError(f"{where}: user {user.name!r} is listed twice (also at {first[user.name]})")
+        first[user.name] = where
+    return tuple(user for _, user in entries)
 
 
 def parse_rules(option: str, texts: list[str] | tuple[str, ...]) -> tuple[Rule, ...]:

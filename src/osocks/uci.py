@@ -25,7 +25,8 @@ from .settings import (
     parse_networks,
     parse_rules,
     parse_user,
-    read_user_file,
+    unique_users,
+    user_file_entries,
 )
 
 SECTION_TYPE = "osocks"
@@ -107,7 +108,7 @@ def settings_from_sections(
     name, options = _pick_section(sections, config)
     where = f"uci {config}.{name}"
     changes: dict[str, Any] = {}
-    users: list[User] = []
+    users: list[tuple[str, User]] = []
     user_file: str | None = None
     for option, value in options.items():
         if option.startswith("."):
@@ -118,7 +119,7 @@ def settings_from_sections(
             if option in SPLIT:
                 items = tuple(word for item in items for word in item.split())
             if option == "user":
-                users += (parse_user(item, at) for item in items)
+                users += ((at, parse_user(item, at)) for item in items)
             elif option == "anonymous":
                 changes["anonymous"] = parse_networks(at, items)
             elif option in ("client_rule", "dest_rule"):
@@ -139,9 +140,9 @@ def settings_from_sections(
         else:
             raise SettingsError(f"{at}: unknown option")
     if user_file is not None:
-        users += read_user_file(user_file, f"{where}.user_file")
+        users += user_file_entries(user_file, f"{where}.user_file")
     if users:
-        changes["users"] = tuple(users)
+        changes["users"] = unique_users(users)
     if changes.get("interfaces") and "listen" not in changes:
         changes["listen"] = ()  # interfaces replace the default 0.0.0.0
     try:

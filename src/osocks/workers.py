@@ -41,9 +41,10 @@ runs each; its client, nginx and osocks share the 2 cores):
   1.31x with a lighter client in C (3847 against 2930: idle 18% → 1%): the
   cores run out, not osocks.  Bulk throughput of one stream stays the same.
 
-The channels.  Master → zygote: a SOCK_SEQPACKET message, the pickled settings
-(for its logging) with the worker's end of a new socketpair and the counters'
-memfd as SCM_RIGHTS; the answer is the new pid.  The zygote logs how each worker ended.  Master ↔ worker:
+The channels.  Master → zygote: a SOCK_SEQPACKET message, the pickled logging
+settings (only those: the whole settings, with many users, would not fit one
+message) with the worker's end of a new socketpair and the counters' memfd as
+SCM_RIGHTS; the answer is the new pid.  The zygote logs how each worker ended.  Master ↔ worker:
 length-prefixed pickles (a private channel between a process and its own
 descendants):
 
@@ -102,7 +103,7 @@ from .server import (
     listening_socket,
 )
 from .session import _endpoint
-from .settings import Settings, SettingsError
+from .settings import DEFAULTS, Settings, SettingsError
 
 log = logging.getLogger("osocks")
 
@@ -188,7 +189,8 @@ class Zygote:
     def fork_worker(self, channel: socket.socket, counters_fd: int, settings: Settings) -> int:
         """A new worker with channel (the worker's end of its socketpair) and the shared counters' file;
         its pid.  OSError: no zygote."""
-        socket.send_fds(self.channel, [pickle.dumps(settings)], [channel.fileno(), counters_fd])
+        logging_only = DEFAULTS.replace(syslog=settings.syslog, verbosity=settings.verbosity)
+        socket.send_fds(self.channel, [pickle.dumps(logging_only)], [channel.fileno(), counters_fd])
         answer = self.channel.recv(8)
         if len(answer) != 8:
             raise ConnectionError("the zygote is gone")
@@ -597,7 +599,12 @@ class Master:
         if "workers" in changed:
             log.warning("workers: a new number takes effect when osocks restarts")
         listeners = list(dict.fromkeys(listener for a in answers for listener in a["listeners"]))
-        return {"changed": changed, "opened": [_endpoint(address) for address in opened], "listeners": listeners}
+        return {
+            "changed": changed,
+            "opened": [_endpoint(address) for address in opened],
+            "listeners": listeners,
+            "revoked": sum(a.get("revoked", 0) for a in answers),
+        }
 
     def close(self) -> None:
         """Close every worker's channel (each closes its sessions and exits); `closed` is set once all have."""
