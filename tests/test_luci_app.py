@@ -329,7 +329,7 @@ def test_user_names_and_passwords(tmp_path: Path) -> None:
     assert verdicts == {"userName": [True, False, False, True, False], "password": [True, False, True, False]}
     for name, ok in zip(names, verdicts["userName"], strict=True):
         if ok:
-            assert parse_user(f"{name}:$pbkdf2-sha256$1$00$00").name == name
+            assert parse_user(f"{name}:$pbkdf2-sha256$1$00${'00' * 32}").name == name
 
 
 # -- translations ----------------------------------------------------------------------------------
