@@ -518,6 +518,11 @@ class Master:
         finally:
             worker.pending.pop(seq, None)
 
+    def _tell(self, worker: Worker, op: str, *args: Any) -> None:
+        """A request whose answer nobody waits for (the reader drops answers no one asked for)."""
+        if worker.writer is not None and not worker.writer.is_closing():
+            worker.writer.write(_frame((next(self._seq), op, args)))
+
     async def _ask_all(self, workers: list[Worker], op: str, *args: Any, timeout: float = ANSWER_TIMEOUT) -> list[Any]:
         """Each worker's answer, or the exception it raised."""
         asking = (self._ask(worker, op, *args, timeout=timeout) for worker in workers)
@@ -588,9 +593,14 @@ class Master:
             errors = [a for a in answers if isinstance(a, BaseException)]
             if errors:
                 applied = [w for w, a in zip(workers, answers, strict=True) if not isinstance(a, BaseException)]
+                late = [w for w, a in zip(workers, answers, strict=True) if isinstance(a, TimeoutError)]
+                for worker in late:  # it may apply the new settings yet: the old ones follow on its channel
+                    self._tell(worker, "reload", old, old_addresses)
                 await self._ask_all(applied, "reload", old, old_addresses, timeout=RELOAD_TIMEOUT)
                 for sock in opened.values():
                     sock.close()
+                if late:
+                    raise ListenError(f"worker {late[0].slot} did not answer the reload within {RELOAD_TIMEOUT:g} s")
                 if isinstance(errors[0], (SettingsError, ListenError, OSError)):
                     raise errors[0]
                 raise ListenError(f"a worker did not reload: {errors[0] or type(errors[0]).__name__}")
