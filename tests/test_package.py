@@ -189,6 +189,7 @@ def test_init_start_service() -> None:
         "procd_set_param user osocks",
         "procd_set_param group osocks",
         "procd_set_param respawn",
+        "procd_set_param limits nofile=16384 16384",  # osocks raises its soft limit to the hard one
         "procd_set_param stdout 1",
         "procd_set_param stderr 1",
         "procd_close_instance",

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, cli, netinfo, tasks
-from .server import ListenError, Server
+from .server import ListenError, Server, quiet_accept_errors, raise_fd_limit
 from .session import _endpoint
 from .settings import DEFAULTS, Settings, SettingsError
 
@@ -61,13 +61,19 @@ def setup_logging(settings: Settings) -> None:
 
 def new_event_loop(settings: Settings) -> asyncio.AbstractEventLoop:
     if settings.loop == "asyncio":
-        return asyncio.new_event_loop()
+        return _stock_loop()
     try:
         import uvloop
     except ImportError:
         log.info("uvloop is not installed: using the stock asyncio event loop")
-        return asyncio.new_event_loop()
+        return _stock_loop()
     return uvloop.new_event_loop()
+
+
+def _stock_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(quiet_accept_errors)
+    return loop
 
 
 async def log_status(server: Server | Master) -> None:
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     except (cli.UsageError, SettingsError) as e:
         cli.die(f"{e} (osocks -h for help)")
     setup_logging(settings)
+    raise_fd_limit()
     zygote = None
     if settings.workers != 1:
         from . import workers

@@ -8,6 +8,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -45,6 +46,7 @@ COUNTED = (
     "udp_invalid",  # datagrams dropped: malformed, or naming a host that cannot be looked up
     "udp_denied",  # datagrams dropped: the destination is denied (rule, local, -4/-6)
     "spliced",  # directions of finished sessions that moved to splice(2)
+    "out_of_fds",  # connections refused for want of file descriptors
 )
 _REPLIES = len(COUNTED)  # then one count per reply code
 COUNTERS_BYTES = 8 * (_REPLIES + len(ReplyCode))
@@ -72,6 +74,7 @@ def counted_figures(c: Counters, live: int = 0, live_up: int = 0, live_down: int
             "refused": c.refused,
             "denied": c.denied,
             "revoked": c.revoked,
+            "out_of_fds": c.out_of_fds,
         },
         "auth_failures": c.auth_failures,
         "replies": dict(zip((code.name.lower() for code in ReplyCode), c.replies, strict=True)),
@@ -106,6 +109,7 @@ class Counters:
     udp_invalid = _counted("udp_invalid")
     udp_denied = _counted("udp_denied")
     spliced = _counted("spliced")
+    out_of_fds = _counted("out_of_fds")
 
     def __init__(self, memory: Any = None) -> None:
         self.started = time.monotonic()
@@ -143,6 +147,9 @@ class Server:
         self.listeners: dict[tuple[str, int], asyncio.Server] = {}
         self.interface_addresses: dict[str, list[str]] = {}  # OpenWrt interface → its addresses
         self._ticker: asyncio.TimerHandle | None = None
+        self.fd_limit = fd_limit()
+        self._starved = 0  # connections refused for want of descriptors since the last warning
+        self._starved_warned = -STARVED_WARN_EVERY
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.closed = asyncio.Event()
         self._session_numbers = itertools.count(1)
@@ -175,6 +182,7 @@ class Server:
             for address in wanted:
                 if address not in self.listeners:
                     sock = listening_socket(address, settings, wanted, self.reuse_port)
+                    sock.on_starved = self.starved
                     opened[address] = await asyncio.get_running_loop().create_server(
                         lambda: Session(self), sock=sock, backlog=1024
                     )
@@ -211,12 +219,39 @@ class Server:
             counters.refused += 1
             log.warning("client %s refused: %d sessions live (limit)", _endpoint(session.client), len(self.live))
             return False
+        if len(self.live) >= (self.fd_limit - FD_GATE) // FDS_PER_SESSION and self._few_fds_left(session):
+            self.starved()
+            return False
         self.live.add(session)
         session.id = f"{self._pid}-{next(self._session_numbers)}"  # the pid tells the master which worker
         counters.total += 1
         if len(self.live) > counters.peak:
             counters.peak = len(self.live)
         return True
+
+    def _few_fds_left(self, session: Session) -> bool:
+        """Whether the accepted socket took one of the last FD_RESERVE descriptors (descriptors are
+        given lowest first, so every lower one is in use).  Asked only when there are so many live
+        sessions that the limit may be near: uvloop (libuv) never lets accept() fail with EMFILE."""
+        sock = session.transport.get_extra_info("socket")
+        return sock is not None and sock.fileno() >= self.fd_limit - FD_RESERVE
+
+    def starved(self) -> None:
+        """A connection refused for want of descriptors: counted; a warning every few seconds at most."""
+        self.counters.out_of_fds += 1
+        self._starved += 1
+        if time.monotonic() - self._starved_warned >= STARVED_WARN_EVERY:
+            self._warn_starved()
+
+    def _warn_starved(self) -> None:
+        log.warning(
+            "out of file descriptors (limit %d, RLIMIT_NOFILE): %d connection%s refused",
+            self.fd_limit,
+            self._starved,
+            "" if self._starved == 1 else "s",
+        )
+        self._starved = 0
+        self._starved_warned = time.monotonic()
 
     def session_finished(self, session: Session) -> None:
         if session not in self.live:
@@ -289,6 +324,9 @@ class Server:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        self.fd_limit = fd_limit()  # prlimit(1) may change it from outside
+        if self._starved and now - self._starved_warned >= STARVED_WARN_EVERY:
+            self._warn_starved()
         newest = last = self.settings
         shortest = _shortest_timeout(newest)
         for session in list(self.live):
@@ -327,6 +365,7 @@ class Server:
             "uptime": round(time.monotonic() - c.started, 3),
             "listeners": [_endpoint(address) for address in self.bound_addresses()],
             "interfaces": self.interface_addresses,
+            "fd_limit": self.fd_limit,
             **counted_figures(c, len(self.live), up, down),
             "settings": self.settings.public(),
         }
@@ -404,6 +443,37 @@ def changed_settings(
     return changed
 
 
+FD_RESERVE = 16  # descriptors a new session may not take: live sessions need some for destinations
+FDS_PER_SESSION = 4  # at most (UDP: the control connection, the client's socket, one per family)
+FD_GATE = 256  # below (limit - FD_GATE) / FDS_PER_SESSION live sessions, descriptors are not checked
+STARVED_WARN_EVERY = 5.0  # seconds
+
+
+def fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def raise_fd_limit() -> None:
+    """The soft RLIMIT_NOFILE up to the hard one, as nginx's worker_rlimit_nofile does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:
+            log.debug("file descriptors: limit %d, cannot raise it to %d (%s)", soft, hard, e)
+            return
+        log.debug("file descriptors: limit raised from %d to %d", soft, hard)
+    else:
+        log.debug("file descriptors: limit %d", soft)
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The stock loop's handler for accept() failing with EMFILE (a traceback every retry) is replaced
+    by Server.starved's counted, rate-limited warning; everything else goes to the default handler."""
+    if context.get("message") != "socket.accept() out of system resource":
+        loop.default_exception_handler(context)
+
+
 class _ListeningSocket(socket.socket):
     """Works around CPython gh-151615 (the stock loop of 3.11-3.13): when accept() fails for want of
     fds, the loop still calls it `backlog` times in the same tick, each time logging and scheduling a
@@ -411,6 +481,7 @@ class _ListeningSocket(socket.socket):
     finds nothing to accept, so the loop waits for its one retry.  uvloop does not call this."""
 
     starved_until = 0.0
+    on_starved: Callable[[], None] | None = None  # the server's count and warning
 
     def accept(self) -> tuple[socket.socket, Any]:
         if time.monotonic() < self.starved_until:
@@ -420,6 +491,8 @@ class _ListeningSocket(socket.socket):
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 self.starved_until = time.monotonic() + 0.1
+                if self.on_starved is not None:
+                    self.on_starved()
             raise
 
 
@@ -447,7 +520,7 @@ def _literal_family(host: str) -> int | None:
 
 def listening_socket(
     address: tuple[str, int], settings: Settings, wanted: list[tuple[str, int]], reuse_port: bool = False
-) -> socket.socket:
+) -> _ListeningSocket:
     """A bound, non-blocking TCP socket for address (listen() is the caller's); ListenError if it cannot be."""
     host, port = address
     ip = ipaddress.ip_address(host)

@@ -118,7 +118,7 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.1, 10.0  # seconds before a restart
 CHECK_INTERVAL = 5.0  # seconds between the master's checks that every worker still answers
 HUNG_AFTER = 3  # checks in a row a worker leaves unanswered: it is killed, then restarted
 STABLE = 10.0  # a worker that ran this long died of something new: back to BACKOFF_FIRST
-NOT_SUMMED = ("version", "pid", "uptime", "listeners", "interfaces", "settings")
+NOT_SUMMED = ("version", "pid", "uptime", "listeners", "interfaces", "settings", "fd_limit")
 SLOT_BYTES = max(mmap.PAGESIZE, COUNTERS_BYTES)  # a worker's counters; mmap offsets are whole pages
 
 
