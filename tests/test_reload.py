@@ -52,10 +52,11 @@ def test_reload_opens_and_closes_listeners(make_server, echo: EchoServer) -> Non
     assert code == ReplyCode.SUCCEEDED
 
     answer = reload(server, listen=("127.0.0.2",))  # the first listener goes, nothing new opens
-    assert answer == {"changed": ["listen"], "opened": [], "listeners": [f"127.0.0.2:{port}"]}
+    assert (answer["changed"], answer["opened"], answer["listeners"]) == (["listen"], [], [f"127.0.0.2:{port}"])
     assert refused("127.0.0.1", port)
     assert echoes(held)  # a session of the closed listener stays
-    assert reload(server) == {"changed": [], "opened": [], "listeners": [f"127.0.0.2:{port}"]}
+    answer = reload(server)
+    assert (answer["changed"], answer["opened"], answer["listeners"]) == ([], [], [f"127.0.0.2:{port}"])
     held.close()
 
 
