@@ -35,6 +35,7 @@ class Row:
 ROWS = (
     Row("bulk MB/s", "bulk", "mb_per_s", 0),
     Row("CPU s per GB", "bulk", "cpu_s_per_gb", 2),
+    Row("bulk: directions spliced (osocks)", "bulk", "spliced", 0),
     Row("sessions/s", "sessions", "sessions_per_s", 0),
     Row("CPU µs per session", "sessions", "cpu_us_per_session", 0),
     Row("rounds of (b): run", "sessions", "rounds_run", 0),
@@ -76,6 +77,8 @@ def _cell(outcome: Outcome | None, row: Row) -> str:
             return "error: " + _one_line(message, _MAX_CELL_MESSAGE)
         case Skipped():
             return "skipped"
+        case _ if row.figure not in outcome:  # a figure only some servers have
+            return "–"
         case _:
             return f"{outcome[row.figure]:.{row.decimals}f}"
 

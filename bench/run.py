@@ -35,7 +35,7 @@ BENCH = Path(__file__).resolve().parent
 DEFAULT_JSON = BENCH / "results" / "latest.json"
 OPEN_FILES_WANTED = 65536
 NGINX_CONNECTIONS = 8192
-SERVER_NAMES = ("osocks", "osocks-asyncio", "microsocks", "dante")  # osocks-asyncio: --loop asyncio
+SERVER_NAMES = ("osocks", "osocks-shipped", "osocks-asyncio", "microsocks", "dante")  # osocks-asyncio: --loop asyncio
 SELF_EXPLAINING_ERRORS = (scenarios.ScenarioError, services.StartError)
 
 
@@ -124,6 +124,8 @@ def servers_to_run(
         if name == "osocks":
             chosen.append(services.osocks([]))
             chosen.extend(services.osocks(shlex.split(variant)) for variant in osocks_variants)
+        elif name == "osocks-shipped":
+            chosen.append(services.osocks_shipped())
         elif name == "osocks-asyncio":
             chosen.append(services.osocks(["--loop", "asyncio"]))
         elif name == "microsocks":
@@ -156,7 +158,7 @@ def measure(
     started = time.monotonic()
     try:
         with server.serving(scenario_dir) as (proxy, pid):
-            figures = scenario.measure(Target(proxy, pid, web, scenario_dir), profile)
+            figures = scenario.measure(Target(proxy, pid, web, scenario_dir, server.status_log), profile)
     except Exception as error:  # noqa: BLE001 - reported in the table, the run goes on
         message = str(error) if isinstance(error, SELF_EXPLAINING_ERRORS) else f"{type(error).__name__}: {error}"
         _progress(f"[{server.name}] {what}: error: {message}")

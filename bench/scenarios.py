@@ -7,6 +7,7 @@ ScenarioError (or anything else) to put "error: ..." in its cells.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import os
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from proctree import bytes_written, machine_busy_seconds, tree_cpu_seconds, tree_memory
-from services import CURL, PRIVOXY, echo_server, last_message, privoxy, socks_downloads
+from services import CURL, PRIVOXY, SERVED_SHA256, echo_server, last_message, osocks_status, privoxy, socks_downloads
 from socks5 import Endpoint, HttpOverSocks, download, http_get, open_http_session, open_tunnel
 
 try:
@@ -108,6 +109,7 @@ class Target:
     server_pid: int
     web: Endpoint
     workdir: Path
+    status_log: str = ""  # osocks: the name of the log its SIGUSR1 status goes to
 
 
 def client_event_loop() -> str:
@@ -126,24 +128,39 @@ def run_client(coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
 # --- (a) single-stream download ----------------------------------------------
 
 
+def checked_download(target: Target, path: str, size: int) -> float:
+    """One download, checked by length and sha256 (after the clock stops); returns its seconds."""
+    body, seconds = download(target.proxy, target.web, path, SOCKET_TIMEOUT, size)
+    if len(body) != size:
+        raise ScenarioError(f"download of {path} gave {len(body)} bytes, not {size}")
+    if hashlib.sha256(body).hexdigest() != SERVED_SHA256[path]:
+        raise ScenarioError(f"download of {path}: {size} bytes, but not the file's (sha256 differs)")
+    return seconds
+
+
 def bulk_download(target: Target, profile: Profile) -> Figures:
     path = "/" + profile.bulk_file
     expected = profile.file_sizes()[profile.bulk_file]
-    download(target.proxy, target.web, "/" + SMALL_FILE, SOCKET_TIMEOUT)  # warm-up
+    checked_download(target, "/" + SMALL_FILE, profile.file_sizes()[SMALL_FILE])  # warm-up
     rates, total_bytes = [], 0
-    cpu_before = tree_cpu_seconds(target.server_pid)
+    cpu_seconds = 0.0
     for _ in range(profile.bulk_downloads):
-        received, seconds = download(target.proxy, target.web, path, SOCKET_TIMEOUT)
-        if received < expected:
-            raise ScenarioError(f"download ended after {received} of {expected} bytes")
-        rates.append(received / seconds / BYTES_PER_MB)
-        total_bytes += received
-    cpu = tree_cpu_seconds(target.server_pid) - cpu_before
-    return {
+        cpu_before = tree_cpu_seconds(target.server_pid)
+        seconds = checked_download(target, path, expected)
+        cpu_seconds += tree_cpu_seconds(target.server_pid) - cpu_before
+        rates.append(expected / seconds / BYTES_PER_MB)
+        total_bytes += expected
+    figures = {
         "mb_per_s": statistics.median(rates),
-        "cpu_s_per_gb": cpu / (total_bytes / BYTES_PER_GB),
+        "cpu_s_per_gb": cpu_seconds / (total_bytes / BYTES_PER_GB),
         "downloads": profile.bulk_downloads,
     }
+    if target.status_log:  # osocks: did bulk move to splice(2)?
+        status = osocks_status(target.workdir / f"{target.status_log}.log", target.server_pid)
+        figures["spliced"] = status["spliced"]
+        if status["settings"]["splice"] and not status["spliced"]:
+            raise ScenarioError(f"no direction of {profile.bulk_downloads} bulk downloads was spliced")
+    return figures
 
 
 # --- (b) new-session cost -------------------------------------------------------

@@ -8,6 +8,8 @@ and is stopped by signalling that group; leftover descendants are killed by PID.
 from __future__ import annotations
 
 import compileall
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -19,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from proctree import process_tree
 from socks5 import Endpoint
@@ -137,16 +140,23 @@ http {{
 _WRITE_CHUNK = 1 << 20
 
 
-def _write_random_file(path: Path, size: int) -> None:
+SERVED_SHA256: dict[str, str] = {}  # "/NAME" -> the sha256 of the file nginx serves there
+
+
+def _write_random_file(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
     with path.open("wb") as output:
         for offset in range(0, size, _WRITE_CHUNK):
-            output.write(os.urandom(min(_WRITE_CHUNK, size - offset)))
+            chunk = os.urandom(min(_WRITE_CHUNK, size - offset))
+            digest.update(chunk)
+            output.write(chunk)
+    return digest.hexdigest()
 
 
 def _make_docroot(docroot: Path, file_sizes: Mapping[str, int]) -> None:
     docroot.mkdir()
     for name, size in file_sizes.items():
-        _write_random_file(docroot / name, size)
+        SERVED_SHA256["/" + name] = _write_random_file(docroot / name, size)
 
 
 @contextmanager
@@ -180,6 +190,7 @@ class SocksServer:
     program: str
     arguments: Callable[[int, Path], list[str]]  # (port, workdir) -> argv[1:]
     env: Mapping[str, str] | None = field(default=None)
+    status_log: str = ""  # osocks: the log it writes its status to on SIGUSR1
 
     def is_installed(self) -> bool:
         return Path(self.program).exists() or shutil.which(self.program) is not None
@@ -189,7 +200,7 @@ class SocksServer:
         """Start the server on a free port: (its endpoint, its PID) until the block ends."""
         port = free_port()
         argv = [self.program, *self.arguments(port, workdir)]
-        with running(self.name.replace(" ", "_"), argv, port, workdir, self.env) as process:
+        with running(_log_name(self.name), argv, port, workdir, self.env) as process:
             yield Endpoint(LOCALHOST, port), process.pid
 
 
@@ -214,12 +225,60 @@ def osocks(extra_arguments: list[str]) -> SocksServer:
         listen = ["-l", LOCALHOST, "-p", str(port)]
         return ["-m", "osocks", *listen, "-q", "--allow-local", "--no-uci", *extra_arguments]
 
+    name = " ".join(["osocks", *extra_arguments])
     return SocksServer(
-        name=" ".join(["osocks", *extra_arguments]),
+        name=name,
         program=sys.executable,
         arguments=arguments,
         env=_environment_with_repo_sources(),
+        status_log=_log_name(name),
     )
+
+
+# The shipped files/osocks.config, with which a router serves: a log line per session (no -q)
+# and destinations on this host denied.  The bench's destinations are all on 127.0.0.1, which
+# the built-in local deny refuses whatever the rules say, so this column lifts it and puts the
+# rules in its place: 127.0.0.1 reachable, every other destination (::1, this host's other
+# addresses, anywhere else) denied, each session's destination checked against them.
+SHIPPED = "osocks shipped"
+SHIPPED_ARGUMENTS = ["--allow-local", "--dest-rule", f"allow {LOCALHOST}", "--dest-rule", "deny all"]
+
+
+def osocks_shipped() -> SocksServer:
+    """osocks as files/osocks.config ships it, with SHIPPED_ARGUMENTS to reach the bench's servers."""
+    compileall.compile_dir(REPO / "src" / "osocks", quiet=1)
+
+    def arguments(port: int, _: Path) -> list[str]:
+        return ["-m", "osocks", "-l", LOCALHOST, "-p", str(port), "--no-uci", *SHIPPED_ARGUMENTS]
+
+    return SocksServer(
+        name=SHIPPED,
+        program=sys.executable,
+        arguments=arguments,
+        env=_environment_with_repo_sources(),
+        status_log=_log_name(SHIPPED),
+    )
+
+
+STATUS_LINE = "osocks: INFO status "
+
+
+def _log_name(server_name: str) -> str:
+    return server_name.replace(" ", "_")
+
+
+def osocks_status(log: Path, pid: int, timeout: float = 10.0) -> dict[str, Any]:
+    """The status osocks logs (to `log`) on SIGUSR1."""
+    seen = log.read_text(errors="replace").count(STATUS_LINE)
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith(STATUS_LINE)]
+        if len(lines) > seen:
+            status: dict[str, Any] = json.loads(lines[-1][len(STATUS_LINE) :])
+            return status
+        time.sleep(0.05)
+    raise StartError(f"osocks (pid {pid}) logged no status within {timeout:g} s of SIGUSR1")
 
 
 def command(name: str, argv: list[str]) -> SocksServer:
