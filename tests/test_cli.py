@@ -212,6 +212,15 @@ def test_interface_without_netifd_uses_the_kernel_device(run_osocks) -> None:
     assert server.proc.poll() is None
 
 
+def test_interface_names_need_netifd_where_they_are_no_device(tmp_path) -> None:
+    """-i lan (the packaged default) with no ubus to ask netifd: one line and exit 2, not listening on nothing."""
+    out = run("-i", "lan0x", "-p", "0", "--ubus-socket", str(tmp_path / "no-ubusd.sock"))
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("osocks: interface 'lan0x': ") and "needs netifd over ubus" in last, out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_syslog_lines_reach_the_syslog_socket(tmp_path, monkeypatch) -> None:
     import logging
 

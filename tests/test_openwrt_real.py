@@ -278,3 +278,32 @@ def test_listens_on_the_lan_interface_and_follows_it(tmp_path: Path, ubusd: str)
             assert server.proc.poll() is None  # an interface going down does not stop osocks
         finally:
             assert server.stop() == 0
+
+
+def test_an_interface_without_address_is_warned_once_and_shown_in_status(tmp_path: Path, ubusd: str) -> None:
+    """netifd knows lan but it is down: osocks keeps running, says so once, and status names it."""
+    lan = tmp_path / "lan.json"
+    with netifd_stand_in(ubusd, lan):
+        lan.write_text(json.dumps({"up": False}))
+        confdir = tmp_path / "config"
+        confdir.mkdir()
+        port = free_port()
+        (confdir / "osocks").write_text(f"config osocks 'main'\n\tlist interface 'lan'\n\toption port '{port}'\n")
+        server = Osocks(confdir, ubusd)
+        try:
+            deadline = time.monotonic() + 5
+            while (status := ubus_call(ubusd, "status")).get("interfaces") != {"lan": []}:  # netifd asked
+                assert time.monotonic() < deadline, status
+                time.sleep(0.05)
+            assert status["interfaces_without_address"] == ["lan"] and status["listeners"] == []
+            ubus_call(ubusd, "reload")
+            ubus_call(ubusd, "reload")
+            lan.write_text(json.dumps({"up": True, "ipv4-address": [{"address": "127.0.0.1", "mask": 8}]}))
+            ubus_call(ubusd, "reload")
+            assert listeners_become(ubusd, [f"127.0.0.1:{port}"])
+            assert ubus_call(ubusd, "status")["interfaces_without_address"] == []
+            assert server.proc.poll() is None
+        finally:
+            assert server.stop() == 0
+        stderr = server.proc.stderr.read()  # type: ignore[union-attr]
+        assert stderr.count("interface lan has no address") == 1, stderr

@@ -131,11 +131,29 @@ async def serve(command: cli.Command, settings: Settings, zygote: Zygote | None 
 
     bridge = _start_ubus(server, lambda: reload(ask_netifd=False), loop, command.ubus_socket)
 
+    warned: set[str] = set()  # interfaces said to have no address, until they have one
+
     async def interfaces(settings: Settings) -> dict[str, list[str]]:
-        """The addresses of the configured interfaces: from netifd over ubus, else from the kernel."""
+        """The addresses of the configured interfaces: from netifd over ubus, else from the kernel
+        (SettingsError for a name neither knows)."""
+        found = await ask_interfaces(settings)
+        for name, addresses in found.items():
+            if addresses:
+                warned.discard(name)
+            elif name not in warned:
+                warned.add(name)
+                log.warning("interface %s has no address (down?): osocks listens on it once it has one", name)
+        return found
+
+    async def ask_interfaces(settings: Settings) -> dict[str, list[str]]:
         found: dict[str, list[str]] = {}
         for name in settings.interfaces:
             if bridge is None:
+                if not netinfo.is_device(name):
+                    raise SettingsError(
+                        f"interface {name!r}: -i (UCI list interface) names an OpenWrt interface, which needs "
+                        "netifd over ubus, and there is no ubus here; off OpenWrt, name a network device (eth0)"
+                    )
                 found[name] = netinfo.linux_interface_addresses(name)
                 continue
             try:
@@ -214,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         loop.run_until_complete(serve(command, settings, zygote))
     except ListenError as e:
         cli.die(str(e), 1)
+    except SettingsError as e:
+        cli.die(str(e), 2)
     except KeyboardInterrupt:
         pass
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
+import os
 import socket
 import time
 
@@ -88,6 +89,11 @@ def is_local_host(host: str) -> bool:
     if len(packed) == 4 and packed[0] == 127:
         return True
     return packed in _NEVER_FAIR or packed in _refresh()[2]
+
+
+def is_device(name: str) -> bool:
+    """Whether the kernel has a network device of this name."""
+    return "/" not in name and name not in ("", ".", "..") and os.path.exists(f"/sys/class/net/{name}")
 
 
 def linux_interface_addresses(name: str) -> list[str]:

@@ -365,6 +365,7 @@ class Server:
             "uptime": round(time.monotonic() - c.started, 3),
             "listeners": [_endpoint(address) for address in self.bound_addresses()],
             "interfaces": self.interface_addresses,
+            "interfaces_without_address": without_address(self.interface_addresses),
             "fd_limit": self.fd_limit,
             **counted_figures(c, len(self.live), up, down),
             "settings": self.settings.public(),
@@ -427,6 +428,11 @@ class Server:
         for session in list(self.live):
             session.abort("server shutting down")
         self.closed.set()
+
+
+def without_address(interface_addresses: dict[str, list[str]]) -> list[str]:
+    """The interfaces osocks should listen on but cannot: down, or up without an address."""
+    return [name for name, addresses in interface_addresses.items() if not addresses]
 
 
 def _shortest_timeout(settings: Settings) -> float:

@@ -101,6 +101,7 @@ from .server import (
     changed_settings,
     counted_figures,
     listening_socket,
+    without_address,
 )
 from .session import _endpoint
 from .settings import DEFAULTS, Settings, SettingsError
@@ -118,7 +119,16 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.1, 10.0  # seconds before a restart
 CHECK_INTERVAL = 5.0  # seconds between the master's checks that every worker still answers
 HUNG_AFTER = 3  # checks in a row a worker leaves unanswered: it is killed, then restarted
 STABLE = 10.0  # a worker that ran this long died of something new: back to BACKOFF_FIRST
-NOT_SUMMED = ("version", "pid", "uptime", "listeners", "interfaces", "settings", "fd_limit")
+NOT_SUMMED = (
+    "version",
+    "pid",
+    "uptime",
+    "listeners",
+    "interfaces",
+    "interfaces_without_address",
+    "settings",
+    "fd_limit",
+)
 SLOT_BYTES = max(mmap.PAGESIZE, COUNTERS_BYTES)  # a worker's counters; mmap offsets are whole pages
 
 
@@ -540,6 +550,7 @@ class Master:
             pid=os.getpid(),
             uptime=round(time.monotonic() - self.started, 3),
             interfaces=self.interface_addresses,
+            interfaces_without_address=without_address(self.interface_addresses),
             settings=self.settings.public(),
         )
         listed: list[dict[str, Any]] = []
