@@ -289,6 +289,53 @@ def test_bind_accepts_the_named_host_only(net: Topology, start_osocks: StartOsoc
             assert recv_exactly(client, 13) == b"to the client"
 
 
+NAT_EXTERNAL4 = "198.18.3.1"  # a router's address in front of osocks: not on any host here
+
+
+def refused(host, address: Address) -> bool:
+    try:
+        host.connect(address, timeout=3).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("flags", "listens_on", "closed_on"),
+    [
+        ((), OSOCKS_WAN4, OSOCKS_WAN4_SECOND),  # the route's source towards the peer
+        (("-b", OSOCKS_WAN4_SECOND), OSOCKS_WAN4_SECOND, OSOCKS_WAN4),  # -b's address
+    ],
+)
+def test_bind_behind_nat_listens_where_the_forwarded_peer_arrives(
+    net: Topology, start_osocks: StartOsocks, flags: tuple[str, ...], listens_on: str, closed_on: str
+) -> None:
+    """--external names an address that is not osocks's (a router's, which forwards the port): the
+    listener is on the one address the forwarded peer reaches, never on every interface."""
+    start_osocks("--external", NAT_EXTERNAL4, *flags)
+    with socks_session(net) as client:
+        first = request(client, Command.BIND, SERVER4, 0)
+        assert (first.code, first.host) == (ReplyCode.SUCCEEDED, NAT_EXTERNAL4) and first.port
+        assert refused(net.client, (OSOCKS_LAN4, first.port))  # not open on the lan
+        assert refused(net.server, (closed_on, first.port))  # nor on osocks's other wan address
+        with net.server.connect((listens_on, first.port)) as peer:  # what the router's forward delivers
+            assert read_reply(client) == (ReplyCode.SUCCEEDED, SERVER4, peer.getsockname()[1])
+            peer.sendall(b"through the nat")
+            assert recv_exactly(client, 15) == b"through the nat"
+
+
+def test_bind_behind_nat_for_any_peer_listens_where_the_client_reached_osocks(
+    net: Topology, start_osocks: StartOsocks
+) -> None:
+    start_osocks("--external", NAT_EXTERNAL4)
+    with socks_session(net) as client:
+        first = request(client, Command.BIND, "0.0.0.0", 0)
+        assert (first.code, first.host) == (ReplyCode.SUCCEEDED, NAT_EXTERNAL4)
+        assert refused(net.server, (OSOCKS_WAN4, first.port))
+        with net.client.connect((OSOCKS_LAN4, first.port), source=CLIENT4_SECOND) as peer:
+            assert read_reply(client) == (ReplyCode.SUCCEEDED, CLIENT4_SECOND, peer.getsockname()[1])
+
+
 # -- UDP ASSOCIATE ------------------------------------------------------------
 
 

@@ -17,22 +17,39 @@ if TYPE_CHECKING:
 
 
 def _listening_socket(host: str) -> socket.socket:
-    """A listening socket on `host`, or on the wildcard when `host` is not ours (NAT)."""
+    """A listening socket on `host` (OSError EADDRNOTAVAIL when `host` is not this host's)."""
     family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        try:
-            sock.bind((host, 0))
-        except OSError as e:
-            if e.errno != errno.EADDRNOTAVAIL:
-                raise
-            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        sock.bind((host, 0))
         sock.listen(1)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def behind_nat(session: Session, announced: str, peers: list[str]) -> str:
+    """Where BIND listens when the announced address is not this host's: osocks sits behind NAT
+    (--external names the router's address), and the listener belongs on the address the forwarded
+    peer reaches: -b's address, or the source address of the route towards the expected peer, or
+    (any peer) the address the client reached osocks on.  Never the wildcard: the port would be
+    open on every interface for as long as BIND waits."""
+    version = ipaddress.ip_address(announced).version
+    family = socket.AF_INET6 if version == 6 else socket.AF_INET
+    source = session.settings.bind_address
+    if source is not None and ipaddress.ip_address(source).version == version:
+        return source
+    for peer in peers:
+        if _plain(peer).version == version and not _plain(peer).is_unspecified:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:  # connect() on UDP only picks the route
+                probe.connect((str(_plain(peer)), 9))
+                return str(probe.getsockname()[0])
+    local = _plain(session.local_host())
+    if local.version == version:
+        return str(local)
+    raise OSError(errno.EADDRNOTAVAIL, f"no address of this host for a BIND announced as {announced}")
 
 
 def _expected_peers(addresses: list[tuple[int, tuple]]) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
@@ -45,9 +62,15 @@ async def bind(session: Session, request: socks5.Request) -> None:
     server, settings = session.server, session.settings
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(settings.connect_timeout):
-        expected = _expected_peers(await server.resolve(request.host, request.port or 1))
+        addresses = await server.resolve(request.host, request.port or 1)
+    expected = _expected_peers(addresses)
     announced = settings.external_address or session.local_host()
-    listener = _listening_socket(announced)
+    try:
+        listener = _listening_socket(announced)
+    except OSError as e:
+        if e.errno != errno.EADDRNOTAVAIL:
+            raise
+        listener = _listening_socket(behind_nat(session, announced, [str(sockaddr[0]) for _, sockaddr in addresses]))
     try:
         port = listener.getsockname()[1]
         session.transport.write(socks5.encode_reply(ReplyCode.SUCCEEDED, announced, port))
