@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
+import uvloop
 
 from conftest import EchoServer, ServerThread, recv_exactly, socks_connect, tunnel, wait_closed
 from osocks import splice
@@ -24,10 +27,17 @@ def relay_mode(request, monkeypatch) -> str:
     return request.param
 
 
+@pytest.fixture(params=["uvloop", "asyncio"])
+def loop_factory(request) -> Callable[[], asyncio.AbstractEventLoop]:
+    """...and on both event loops: uvloop's transports, and osocks' own on the stock loop (stockloop.py)."""
+    return uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
+
+
 @pytest.fixture
-def make_server(make_server, relay_mode):
+def make_server(make_server, relay_mode, loop_factory):
     def make(**options):
         options.setdefault("splice", relay_mode == "splice")
+        options.setdefault("loop_factory", loop_factory)
         return make_server(**options)
 
     return make

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import __version__, netinfo
+from . import __version__, netinfo, stockloop
 from .rules import allowed, first_match
 from .session import COMMAND, RELAY, Session, _endpoint
 from .settings import Settings, User
@@ -25,6 +25,8 @@ log = logging.getLogger("osocks")
 Resolver = Callable[[str, int, int], Awaitable[list[tuple[int, tuple]]]]
 
 LISTEN_FIELDS = ("listen", "port", "family", "interfaces")
+BACKLOG = 1024
+Listener = asyncio.Server | stockloop.Listener
 
 
 class ListenError(Exception):
@@ -144,7 +146,7 @@ class Server:
         self.reuse_port = reuse_port  # SO_REUSEPORT: worker processes each listen on the same port
         self.counters = counters or Counters()
         self.live: set[Session] = set()
-        self.listeners: dict[tuple[str, int], asyncio.Server] = {}
+        self.listeners: dict[tuple[str, int], Listener] = {}
         self.interface_addresses: dict[str, list[str]] = {}  # OpenWrt interface → its addresses
         self._ticker: asyncio.TimerHandle | None = None
         self.fd_limit = fd_limit()
@@ -177,15 +179,17 @@ class Server:
         wanted = self.listen_addresses(settings, interface_addresses)
         if not wanted and not settings.interfaces:
             raise ListenError(f"no listen address of family {settings.family}")
-        opened: dict[tuple[str, int], asyncio.Server] = {}
+        opened: dict[tuple[str, int], Listener] = {}
+        loop = asyncio.get_running_loop()
         try:
             for address in wanted:
                 if address not in self.listeners:
                     sock = listening_socket(address, settings, wanted, self.reuse_port)
                     sock.on_starved = self.starved
-                    opened[address] = await asyncio.get_running_loop().create_server(
-                        lambda: Session(self), sock=sock, backlog=1024
-                    )
+                    if stockloop.is_stock(loop):
+                        opened[address] = stockloop.Listener(loop, sock, lambda: Session(self), BACKLOG)
+                    else:
+                        opened[address] = await loop.create_server(lambda: Session(self), sock=sock, backlog=BACKLOG)
         except BaseException:
             for listener in opened.values():
                 listener.close()
@@ -312,6 +316,15 @@ class Server:
         rules = self.settings.dest_rules
         rule = first_match(rules, netinfo.reached_address(host), port) if rules else None
         return f"denied by rule '{rule}'" if rule is not None and not rule.allow else None
+
+    async def open_connection(self, protocol: asyncio.Protocol, family: int, host: str, port: int) -> asyncio.Transport:
+        """A TCP connection to an IP address, read by protocol: uvloop's transport, or on the stock
+        loop one of stockloop's (asyncio's own are much dearer per connection)."""
+        local = self.source_address(family)
+        if stockloop.is_stock(self.loop):
+            return await stockloop.open_connection(self.loop, protocol, family, host, port, local)
+        transport, _ = await self.loop.create_connection(lambda: protocol, host, port, family=family, local_addr=local)
+        return transport  # type: ignore[return-value]
 
     def source_address(self, family: int) -> tuple[str, int] | None:
         source = self.settings.bind_address

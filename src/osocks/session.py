@@ -233,15 +233,13 @@ class Session(asyncio.Protocol):
                 error = ProtocolError(f"destination {_endpoint(sockaddr)} {refused}", ReplyCode.NOT_ALLOWED)
                 continue
             try:
-                transport, _ = await server.loop.create_connection(
-                    lambda: upstream, host, port, family=family, local_addr=server.source_address(family)
-                )
+                transport = await server.open_connection(upstream, family, host, port)
             except OSError as e:
                 error = e
                 continue
             if request.address_type == socks5.AddressType.DOMAIN:
                 self.reached = host
-            self.succeed(transport, upstream)  # type: ignore[arg-type]
+            self.succeed(transport, upstream)
             return
         raise error or OSError("no address to connect to")
 

@@ -1,0 +1,318 @@
+"""TCP on asyncio's own event loop, without its transports: listeners, outgoing connections
+and one lean transport over `add_reader`/`add_writer`.
+
+asyncio's selector transports are general (SSL, buffered protocols, sendfile; a task and
+futures to set up each connection) and pure Python; on a router without uvloop they are
+most of what a short session costs.  The protocols (session, relay) are the same on both
+loops: this transport does what they use of `asyncio.Transport`, with its semantics
+(`connection_lost` is called soon, not from within `close`/`abort`; `pause_writing` above
+64 KiB buffered, `resume_writing` at 16 KiB).  uvloop keeps its own transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+READ_SIZE = 1 << 16
+HIGH_WATER = 64 * 1024
+LOW_WATER = 16 * 1024
+ACCEPT_RETRY_DELAY = 1.0  # out of fds: asyncio's own pause before accepting again
+ACCEPTS_PER_WAKEUP = 64
+OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+CONNECTING = {errno.EINPROGRESS, errno.EALREADY}
+CONNECTED = {0, errno.EISCONN}
+
+
+def is_stock(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether loop is asyncio's own selector loop (whose transports this module replaces)."""
+    return isinstance(loop, asyncio.SelectorEventLoop)
+
+
+class Transport(asyncio.Transport):
+    __slots__ = (
+        "_loop",
+        "_sock",
+        "_fd",
+        "_protocol",
+        "_peername",
+        "_buffer",
+        "_reading",
+        "_read_eof",
+        "_closing",
+        "_lost",
+        "_eof_asked",
+        "_write_paused",
+    )
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: asyncio.Protocol, peername: Any = None
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._protocol = protocol
+        self._peername = peername  # what accept() said; asked of the kernel otherwise
+        self._buffer = bytearray()  # what the socket did not take yet
+        self._reading = False
+        self._read_eof = False
+        self._closing = False  # close() or abort() called: nothing more is read
+        self._lost = False  # connection_lost is scheduled
+        self._eof_asked = False  # write_eof(): shut down writing once the buffer is sent
+        self._write_paused = False
+
+    # -- reading -----------------------------------------------------------
+
+    def _read_ready(self) -> None:
+        try:
+            data = self._sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._force_close(e)
+            return
+        if data:
+            self._protocol.data_received(data)
+            return
+        self._read_eof = True
+        self.pause_reading()
+        if not self._protocol.eof_received():
+            self.close()
+
+    def pause_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if not (self._reading or self._closing or self._read_eof):
+            self._reading = True
+            self._loop.add_reader(self._fd, self._read_ready)
+
+    def is_reading(self) -> bool:
+        return self._reading
+
+    # -- writing -----------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or self._eof_asked or not data:
+            return
+        if not self._buffer:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as e:
+                self._force_close(e)
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+            self._loop.add_writer(self._fd, self._write_ready)
+        self._buffer += data
+        if not self._write_paused and len(self._buffer) > HIGH_WATER:
+            self._write_paused = True
+            self._protocol.pause_writing()
+
+    def _write_ready(self) -> None:
+        try:
+            sent = self._sock.send(self._buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._force_close(e)
+            return
+        del self._buffer[:sent]
+        if self._write_paused and len(self._buffer) <= LOW_WATER:
+            self._write_paused = False
+            self._protocol.resume_writing()
+        if self._buffer:
+            return
+        self._loop.remove_writer(self._fd)
+        if self._closing:
+            self._connection_lost_soon(None)
+        elif self._eof_asked:
+            self._shutdown_writing()
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof_asked:
+            return
+        self._eof_asked = True
+        if not self._buffer:
+            self._shutdown_writing()
+
+    def _shutdown_writing(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self._force_close(e)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer)
+
+    # -- closing -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop reading; once what is buffered is sent, close the socket."""
+        if self._closing:
+            return
+        self._closing = True
+        self.pause_reading()
+        if not self._buffer:
+            self._connection_lost_soon(None)
+
+    def abort(self) -> None:
+        self._force_close(None)
+
+    def _force_close(self, error: Exception | None) -> None:
+        if self._lost:
+            return
+        if self._buffer:
+            self._buffer.clear()
+            self._loop.remove_writer(self._fd)
+        self._closing = True
+        self.pause_reading()
+        self._connection_lost_soon(error)
+
+    def _connection_lost_soon(self, error: Exception | None) -> None:
+        self._lost = True
+        self._loop.call_soon(self._connection_lost, error)
+
+    def _connection_lost(self, error: Exception | None) -> None:
+        try:
+            self._protocol.connection_lost(error)
+        finally:
+            self._sock.close()
+            self._protocol = None  # type: ignore[assignment]  # no reference cycle left behind
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    # -- the rest of the Transport API the protocols use ---------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        try:
+            if name == "peername":
+                if self._peername is None:
+                    self._peername = self._sock.getpeername()
+                return self._peername
+            if name == "sockname":
+                return self._sock.getsockname()
+        except OSError:
+            return default
+        return self._sock if name == "socket" else default
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+
+def _tcp_socket(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio and uvloop set it
+
+
+class Listener:
+    """A listening socket: each connection gets a protocol from protocol_factory and a Transport,
+    reading at once.  What `create_server` returns, as far as the server uses it."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        backlog: int,
+    ) -> None:
+        self.loop = loop
+        self.sockets = [sock]
+        self.protocol_factory = protocol_factory
+        self._retry: asyncio.TimerHandle | None = None
+        sock.listen(backlog)
+        loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        listening = self.sockets[0]
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                sock, peername = listening.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:
+                if e.errno in OUT_OF_RESOURCES:  # wait, rather than spin on a listener that stays readable
+                    self.loop.remove_reader(listening.fileno())  # (the server counts and warns)
+                    self._retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+                    return
+                raise
+            _tcp_socket(sock)
+            protocol = self.protocol_factory()
+            transport = Transport(self.loop, sock, protocol, peername)
+            protocol.connection_made(transport)
+            transport.resume_reading()
+
+    def _resume(self) -> None:
+        self._retry = None
+        self.loop.add_reader(self.sockets[0].fileno(), self._accept)
+
+    def close(self) -> None:
+        if not self.sockets:
+            return
+        if self._retry is not None:
+            self._retry.cancel()
+        else:
+            self.loop.remove_reader(self.sockets[0].fileno())
+        self.sockets.pop().close()
+
+
+async def open_connection(
+    loop: asyncio.AbstractEventLoop,
+    protocol: asyncio.Protocol,
+    family: int,
+    host: str,
+    port: int,
+    local_addr: tuple[str, int] | None = None,
+) -> Transport:
+    """Connect to (host, port), an IP address; the Transport's protocol has had connection_made,
+    and reads once it is asked to (resume_reading).  OSError if the connection fails."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        _tcp_socket(sock)
+        if local_addr is not None:
+            sock.bind(local_addr)
+        address = (host, port)
+        error = sock.connect_ex(address)
+        if error in CONNECTING:
+            error = sock.connect_ex(address)  # on loopback the handshake is often over already
+            if error in CONNECTING:
+                await _writable(loop, sock)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error not in CONNECTED:
+            raise OSError(error, os.strerror(error))
+    except BaseException:
+        sock.close()
+        raise
+    transport = Transport(loop, sock, protocol)
+    protocol.connection_made(transport)
+    return transport
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    waiter = loop.create_future()
+    loop.add_writer(sock.fileno(), _wake, waiter)
+    try:
+        await waiter
+    finally:
+        loop.remove_writer(sock.fileno())
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
