@@ -296,6 +296,7 @@ def run_refused(args: list[str]) -> str:
         ("bob:$scrypt$1000$8$1$00$" + "00" * 32, ["-U", "{file}"], "-U {file}:1: user 'bob': N must be a power of 2"),
         ("bob:$pbkdf2-sha256$0$00$" + "00" * 32, ["-U", "{file}"], "-U {file}:1: user 'bob': ITERATIONS is a whole"),
         ("bob:$pbkdf2-sha256$9$00$00\n", ["-U", "{file}"], "user 'bob': HASH_HEX must be 32 bytes"),
+        ("bob:$pbkdf2-sha256$4294967296$00$" + "00" * 32, ["-U", "{file}"], "user 'bob': ITERATIONS is 2147483647 at"),
         (None, ["-u", "bob:$6$salt$hash"], "-u: user 'bob': '$6$' is not a hash osocks knows"),
     ],
 )

@@ -30,6 +30,7 @@ PBKDF2_ITERATIONS = 200_000
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 16384, 8, 1
 SCRYPT_MAXMEM = 128 * 1024 * 1024
 MAX_PASSWORD_BYTES = 255  # RFC 1929
+MAX_ITERATIONS = 2**31 - 1  # what OpenSSL's PBKDF2 takes
 
 _PROCESS_KEY = os.urandom(32)
 _verified: set[bytes] = set()  # keyed digests of (secret, password) already checked against a hash
@@ -95,6 +96,8 @@ def hash_problem(secret: str) -> str | None:
             return f"{name} is not hexadecimal ({form})"
     size = len(digest) // 2
     if scheme == "pbkdf2-sha256":
+        if int(numbers[0]) > MAX_ITERATIONS:
+            return f"ITERATIONS is {MAX_ITERATIONS} at most ({form})"
         if size != hashlib.sha256().digest_size:
             return f"HASH_HEX must be 32 bytes (64 hex digits), not {size} ({form})"
         return None
@@ -123,7 +126,7 @@ def _digest(secret: str, password: bytes) -> tuple[bytes, bytes]:
 def _matches_hash(secret: str, password: bytes) -> bool:
     try:
         digest, expected = _digest(secret, password)
-    except (ValueError, IndexError):  # settings refuse such hashes (hash_problem); this is a last guard
+    except (ValueError, IndexError, OverflowError):  # settings refuse such hashes (hash_problem): a last guard
         return False
     return hmac.compare_digest(digest, expected)
 
