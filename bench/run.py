@@ -5,6 +5,7 @@ throughput, per-session CPU, memory, fairness.
     python3 bench/run.py            # full run, every installed server
     python3 bench/run.py --smoke    # a few seconds, for CI
     python3 bench/run.py --server 'c-osocks=/opt/osocks -l 127.0.0.1 -p {port}'
+    python3 bench/run.py --soak 10  # mixed clients for 10 minutes, reloads, killed workers (soak.py)
 
 See bench/README.md for what is measured and how.
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 import rounds
 import scenarios
 import services
+import soak
 from report import Failed, Outcome, Results, Skipped, markdown_table, write_json
 from scenarios import Profile, Target
 from socks5 import Endpoint
@@ -81,6 +83,22 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         help="one more column NAME: the server started as COMMAND, {port} replaced by its port (repeatable)",
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
+    parser.add_argument(
+        "--soak",
+        type=float,
+        nargs="?",
+        const=1.0,
+        metavar="MINUTES",
+        help="instead of the benchmark: the soak (bench/soak.py) for MINUTES (default 1)",
+    )
+    parser.add_argument("--soak-workers", type=int, default=2, metavar="N", help="osocks -w N (default 2)")
+    parser.add_argument("--soak-hup-every", type=float, default=3.0, metavar="S", help="SIGHUP every S s (default 3)")
+    parser.add_argument(
+        "--soak-kill-every", type=float, default=20.0, metavar="S", help="SIGKILL a worker every S s (default 20)"
+    )
+    parser.add_argument(
+        "--soak-out", type=Path, default=BENCH / "results", metavar="DIR", help="soak.csv and soak.png go here"
+    )
     arguments = parser.parse_args(argv)
     unknown_servers = set(_split(arguments.servers)) - set(SERVER_NAMES)
     unknown_scenarios = set(_split(arguments.only)) - {scenario.letter for scenario in SCENARIOS}
@@ -225,6 +243,12 @@ def main(argv: list[str]) -> int:
     if shutil.which("nginx") is None:
         _progress("error: nginx is not installed (Debian package nginx-light)")
         return 2
+    if arguments.soak is not None:
+        raise_open_file_limit(OPEN_FILES_WANTED)
+        plan = soak.SoakPlan(
+            arguments.soak, arguments.soak_workers, arguments.soak_hup_every, arguments.soak_kill_every
+        )
+        return soak.run(plan, arguments.soak_out)
     for scenario in SCENARIOS:
         reason = skip_reason(scenario, arguments.smoke)
         if reason and scenario.letter in _split(arguments.only):

@@ -83,3 +83,58 @@ def test_relay_design_comparison_runs() -> None:
     for design in ("protocol", "buffered", "streams", "osocks --no-splice"):
         cpu_per_session = table_column(finished.stdout, "CPU µs per session")[design]
         assert NUMBER.fullmatch(cpu_per_session), finished.stdout
+
+
+# -- the soak (bench/soak.py), for a few seconds -------------------------------------------------
+
+sys.path.insert(0, str(REPO / "bench"))
+import soak  # noqa: E402 - bench/ is not a package
+
+
+def test_soak_runs_and_accounts_for_every_session(tmp_path: Path) -> None:
+    """SLOW (~20 s): every client kind at once, SIGHUP every 2 s, a worker SIGKILLed every 5 s."""
+    argv = [sys.executable, str(BENCHMARK), "--soak", "0.2", "--soak-hup-every", "2", "--soak-kill-every", "5"]
+    finished = subprocess.run(
+        [*argv, "--soak-out", str(tmp_path)], capture_output=True, text=True, timeout=SMOKE_TIMEOUT
+    )
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    table = {row: cells for row, cells in soak_rows(finished.stdout).items()}
+    for kind in ("bulk", "short HTTP", "UDP", "BIND"):
+        assert int(table[kind][1]) > 0, f"no {kind} session completed: {finished.stdout}"
+    assert "reset by the client mid-transfer" in table["reset"][2]
+    assert "slowloris closed by the handshake timeout" in table["slowloris"][2]
+    assert table["all"][2].endswith("unexpected: 0")
+    assert re.search(r"SIGHUP every 2 s \(([3-9]|\d\d+) sent\), ([1-9]\d*) workers SIGKILLed", finished.stdout)
+    samples = (tmp_path / "soak.csv").read_text().splitlines()
+    assert samples[0] == "seconds,fds,rss_mb,started,completed,failed" and len(samples) > 5
+    assert (tmp_path / "soak.png").read_bytes().startswith(b"\x89PNG")
+
+
+def soak_rows(report: str) -> dict[str, list[str]]:
+    """The soak's table: client -> [started, completed, failed by cause]."""
+    rows = {}
+    for line in report.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 4 and cells[1].isdigit():
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def sample(seconds: float, fds: int, rss_mb: float) -> soak.Sample:
+    return soak.Sample(seconds, fds, rss_mb, 0, 0, 0)
+
+
+def test_soak_growth_check() -> None:
+    steady = [sample(t, 90 + t % 7, 80 + (t % 3) / 10) for t in range(60)]
+    assert soak.growth_problems(steady) == []
+    leaking = [sample(t, 60 + 5 * t, 80 + t) for t in range(60)]
+    assert [p.split(":")[0] for p in soak.growth_problems(leaking)] == ["fds grow", "RSS grow"]
+    assert soak.growth_problems(leaking[:20]) == []  # too few samples to judge
+
+
+def test_soak_failure_causes() -> None:
+    kill = 100.0
+    assert soak._cause(ConnectionResetError(), 99.0, 101.0, [kill]) == soak.KILLED
+    assert soak._cause(ConnectionResetError(), 80.0, 90.0, [kill]) == "ConnectionResetError"  # no kill near
+    assert soak._cause(soak.Corrupt("x"), 99.0, 101.0, [kill]) == "corrupted: x"  # never excused by a kill
+    assert soak._cause(soak.Provoked(soak.PROVOKED[0]), 0.0, 1.0, []) == soak.PROVOKED[0]
