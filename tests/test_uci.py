@@ -367,3 +367,58 @@ def test_a_user_listed_twice_is_refused(tmp_path: Path) -> None:
     message = rf"^uci osocks\.main\.user_file {users}:1: user 'bob' is listed twice \(also at uci osocks\.main\.user\)"
     with pytest.raises(SettingsError, match=message):
         settings_from_sections(main(user=("alice:one", "bob:x"), user_file=str(users)))
+
+
+@needs_pyuci
+def test_libuci_user_file_without_users_refuses_to_start_and_a_reload_keeps_the_users(
+    dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A real osocks process reading UCI: an empty user_file stops it at start (exit 2, one line naming
+    the file); the same file emptied under a running osocks fails the reload, and the users stay."""
+    import signal
+    import socket
+    import subprocess
+    import threading
+    import time
+
+    from conftest import ROOT, free_port, recv_exactly
+
+    confdir, _ = dirs
+    users = tmp_path / "users"
+    users.write_text("# nobody\n")
+    port = free_port()
+    (confdir / "osocks").write_text(
+        f"config osocks 'main'\n\tlist listen '127.0.0.1'\n\toption port '{port}'\n\toption user_file '{users}'\n"
+    )
+    command = [sys.executable, "-m", "osocks", "--uci", "osocks", "--uci-dir", str(confdir)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=20, cwd=ROOT)
+    assert out.returncode == 2 and out.stdout == ""
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"osocks: uci osocks.main.user_file: '{users}' lists no user (only blank lines or comments)")
+
+    users.write_text("alice:wonderland\n")
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr or ()), daemon=True).start()
+
+    def method_offered() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"\x05\x02\x00\x02")
+            return recv_exactly(sock, 2)
+
+    try:
+        deadline = time.monotonic() + 10
+        while not any("listening on" in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            time.sleep(0.02)
+        assert method_offered() == b"\x05\x02"
+        users.write_text("\n")
+        proc.send_signal(signal.SIGHUP)
+        while not any("reload failed" in line for line in lines):
+            assert time.monotonic() < deadline + 10, "".join(lines)
+            time.sleep(0.02)
+        assert f"uci osocks.main.user_file: '{users}' lists no user" in "".join(lines)
+        assert method_offered() == b"\x05\x02"  # still asks for a password: not an open proxy
+    finally:
+        proc.terminate()
+        proc.wait(10)
