@@ -345,3 +345,11 @@ def test_pot_has_every_string() -> None:
     for expected in ("Disconnect", "Add user", "osocks refused the new settings", "SOCKS proxy (osocks)"):
         assert expected in msgids
     assert luci_pot.unquote(r"'it\'s'") == "it's" and luci_pot.po_quote('a "b"\n') == r'"a \"b\"\n"'
+
+
+def test_browser_test_script_parses() -> None:
+    """tests/luci_browser.js runs only against a real LuCI: here at least it must parse."""
+    done = subprocess.run(
+        [node(), "--check", str(ROOT / "tests" / "luci_browser.js")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr

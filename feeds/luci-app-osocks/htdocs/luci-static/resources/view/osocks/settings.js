@@ -141,8 +141,8 @@ const UserOption = form.Value.extend({
 		return new UserList(cfgvalue, { id: this.cbid(section_id) }).render();
 	},
 
-	cfgvalue(section_id) {
-		return L.toArray(this.super('cfgvalue', [ section_id ]));
+	cfgvalue(section_id, set_value) {
+		return L.toArray(this.super('cfgvalue', Array.prototype.slice.call(arguments)));
 	},
 
 	formvalue(section_id) {

@@ -39,14 +39,11 @@ function duration(seconds) {
 	return '%t'.format(Math.floor(seconds || 0));
 }
 
-function svgElement(name, attributes, text) {
+function svgElement(name, attributes) {
 	const element = document.createElementNS(SVG, name);
 
 	for (const key in attributes)
 		element.setAttribute(key, attributes[key]);
-
-	if (text != null)
-		element.appendChild(document.createTextNode(text));
 
 	return element;
 }
@@ -85,27 +82,32 @@ return view.extend({
 		return rates;
 	},
 
+	/* lines in an SVG stretched to the page's width; the scale's labels over it in HTML, unstretched */
 	renderGraph() {
 		const svg = svgElement('svg', {
 			'id': 'osocks-graph', 'width': '100%', 'height': GRAPH_HEIGHT,
 			'viewBox': '0 0 %d %d'.format(GRAPH_WIDTH, GRAPH_HEIGHT), 'preserveAspectRatio': 'none',
-			'style': 'border:1px solid #ccc;background:#fff'
+			'style': 'display:block'
 		});
+		const labels = [];
 
-		for (const fraction of [ 0.25, 0.5, 0.75 ]) {
-			const y = GRAPH_HEIGHT * (1 - fraction);
-			svg.appendChild(svgElement('line', { 'x1': 0, 'x2': GRAPH_WIDTH, 'y1': y, 'y2': y, 'style': 'stroke:#ddd;stroke-width:1' }));
-			svg.appendChild(svgElement('text', { 'x': 4, 'y': y - 3, 'id': 'osocks-label-%d'.format(fraction * 100), 'style': 'fill:#999;font-size:10px' }, ''));
+		for (const percent of [ 25, 50, 75 ]) {
+			const y = GRAPH_HEIGHT * (1 - percent / 100);
+			svg.appendChild(svgElement('line', { 'x1': 0, 'x2': GRAPH_WIDTH, 'y1': y, 'y2': y, 'style': 'stroke:#ddd;stroke-width:1', 'vector-effect': 'non-scaling-stroke' }));
+			labels.push(E('small', {
+				'id': 'osocks-label-%d'.format(percent),
+				'style': 'position:absolute;left:4px;top:%dpx;color:#888'.format(y - 16)
+			}, '-'));
 		}
 
-		svg.appendChild(svgElement('polyline', { 'id': 'osocks-line-down', 'points': '', 'style': 'fill:none;stroke:#00c;stroke-width:1.5' }));
-		svg.appendChild(svgElement('polyline', { 'id': 'osocks-line-up', 'points': '', 'style': 'fill:none;stroke:#c60;stroke-width:1.5' }));
+		svg.appendChild(svgElement('polyline', { 'id': 'osocks-line-down', 'points': '', 'style': 'fill:none;stroke:#00c;stroke-width:2', 'vector-effect': 'non-scaling-stroke' }));
+		svg.appendChild(svgElement('polyline', { 'id': 'osocks-line-up', 'points': '', 'style': 'fill:none;stroke:#c60;stroke-width:2', 'vector-effect': 'non-scaling-stroke' }));
 
-		return svg;
+		return E('div', { 'style': 'position:relative;border:1px solid #ccc;background:#fff;height:%dpx'.format(GRAPH_HEIGHT) }, [ svg, ...labels ]);
 	},
 
-	updateGraph(svg) {
-		const peak = Math.max(1024, ...this.history.map(r => Math.max(r.up, r.down)));
+	updateGraph(graph) {
+		const peak = 1.25 * Math.max(1024, ...this.history.map(r => Math.max(r.up, r.down)));  /* headroom above the top */
 		const step = GRAPH_WIDTH / (GRAPH_POINTS - 1);
 		const offset = GRAPH_POINTS - this.history.length;
 
@@ -113,11 +115,11 @@ return view.extend({
 			const points = this.history.map((r, i) =>
 				'%.1f,%.1f'.format((offset + i) * step, GRAPH_HEIGHT - r[direction] / peak * (GRAPH_HEIGHT - 2)));
 
-			svg.getElementById('osocks-line-' + direction).setAttribute('points', points.join(' '));
+			graph.querySelector('#osocks-line-' + direction).setAttribute('points', points.join(' '));
 		}
 
 		for (const percent of [ 25, 50, 75 ])
-			svg.getElementById('osocks-label-' + percent).firstChild.data = rate(peak * percent / 100);
+			graph.querySelector('#osocks-label-' + percent).firstChild.data = rate(peak * percent / 100);
 	},
 
 	renderSummary(status, rates) {
