@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, EchoServer, free_port, recv_exactly, socks_connect
-from osocks import __version__, cli
+from conftest import ROOT, EchoServer, free_port, read_reply, recv_exactly, socks_connect, wait_closed
+from osocks import __version__, cli, socks5
 from osocks.settings import DEFAULTS
 from osocks.socks5 import ReplyCode
 
@@ -278,3 +278,83 @@ def test_sighup_in_one_process_logs_the_reload_once(run_osocks, tmp_path) -> Non
         assert time.monotonic() < deadline, server.lines
         time.sleep(0.02)
     assert [line for line in server.lines if "reloaded:" in line] == ["osocks: INFO reloaded: users changed\n"]
+
+
+# -- flags, each seen doing its job in a real process ------------------------------------------------
+
+
+def status_line(server, timeout: float = 10) -> dict:
+    """SIGUSR1, then the status it logs (at any verbosity): also the mark that what came before is in."""
+    import json
+
+    seen = len(server.lines)
+    server.signal(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in server.lines[seen:]:
+            if " status {" in line:
+                return json.loads(line.split(" status ", 1)[1])
+        assert time.monotonic() < deadline, server.lines[-5:]
+        time.sleep(0.02)
+
+
+def bind_request(port: int, host: str = "0.0.0.0") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"\x05\x01\x00" + socks5.encode_request(socks5.Command.BIND, host, 0))
+    assert recv_exactly(sock, 2) == b"\x05\x00"
+    return sock
+
+
+def test_bind_timeout_flag(run_osocks) -> None:
+    server = run_osocks("-l", "127.0.0.1", "-p", "0", "--allow-local", "--bind-timeout", "300")
+    with bind_request(server.port) as control:
+        assert read_reply(control)[0] == ReplyCode.SUCCEEDED
+        assert read_reply(control)[0] == ReplyCode.TTL_EXPIRED  # nobody came within 300 ms
+    assert status_line(server)["settings"]["bind_timeout"] == 0.3
+
+
+def test_external_flag_is_announced_by_bind(run_osocks) -> None:
+    server = run_osocks("-l", "127.0.0.1", "-p", "0", "--allow-local", "--external", "127.0.0.3")
+    with bind_request(server.port) as control:
+        code, host, port = read_reply(control)
+        assert (code, host) == (ReplyCode.SUCCEEDED, "127.0.0.3")
+        with socket.create_connection(("127.0.0.3", port), timeout=5) as peer:
+            assert read_reply(control) == (ReplyCode.SUCCEEDED, "127.0.0.1", peer.getsockname()[1])
+
+
+def test_b_flag_is_the_source_of_outgoing_connections(run_osocks, echo: EchoServer) -> None:
+    server = run_osocks("-l", "127.0.0.1", "-p", "0", "--allow-local", "-b", "127.0.0.2")
+    sock, code, host, _ = socks_connect(server.port, "127.0.0.1", echo.port)
+    with sock:
+        assert (code, host) == (ReplyCode.SUCCEEDED, "127.0.0.2")
+        sock.sendall(b"hi")
+        assert recv_exactly(sock, 2) == b"hi"
+    assert echo.peers[-1][0] == "127.0.0.2"
+
+
+def test_client_rule_flag(run_osocks) -> None:
+    server = run_osocks("-l", "127.0.0.1", "-p", "0", "--client-rule", "allow 127.0.0.2", "--client-rule", "deny all")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as denied:
+        denied.sendall(b"\x05\x01\x00")
+        assert wait_closed(denied) == b""  # closed before a byte is answered
+    allowed = socket.socket()
+    allowed.bind(("127.0.0.2", 0))
+    allowed.connect(("127.0.0.1", server.port))
+    with allowed:
+        allowed.sendall(b"\x05\x01\x00")
+        assert recv_exactly(allowed, 2) == b"\x05\x00"
+    status = status_line(server)
+    assert status["sessions"]["denied"] == 1 and status["sessions"]["total"] == 1
+
+
+@pytest.mark.parametrize(("flag", "warned"), [("-q", True), ("-qq", False)])
+def test_qq_leaves_errors_only(run_osocks, echo: EchoServer, flag: str, warned: bool) -> None:
+    server = run_osocks("-l", "127.0.0.1", "-p", str(free_port()), "--allow-local", "-n", "1", flag)
+    held, code, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)
+    assert code == ReplyCode.SUCCEEDED
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as extra:  # over -n: refused, a warning
+        assert wait_closed(extra) == b""
+    assert status_line(server)["sessions"]["refused"] == 1
+    held.close()
+    assert any("refused: 1 sessions live (limit)" in line for line in server.lines) is warned
+    assert not any(" INFO " in line and " status " not in line for line in server.lines)
