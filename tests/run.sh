@@ -9,7 +9,8 @@ SUDO=""
 $SUDO apt-get update -qq
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
     python3-venv python3-pip curl nginx-light privoxy apache2-utils \
-    microsocks dante-server iproute2 dash busybox procps shellcheck nodejs >/dev/null
+    microsocks dante-server iproute2 dash busybox procps shellcheck nodejs \
+    krb5-kdc krb5-admin-server krb5-user libkrb5-dev python3-dev gcc >/dev/null
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/pip install -q -e '.[test]'

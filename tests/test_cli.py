@@ -62,6 +62,32 @@ def test_flags_map_to_settings() -> None:
     assert s.family == "ipv4" and s.syslog and s.verbosity == 2 and s.workers == 2 and s.loop == "asyncio"
 
 
+def test_gssapi_flags() -> None:
+    s = cli.parse(
+        [
+            "--gssapi-keytab",
+            "/etc/osocks.keytab",
+            "--gssapi-service",
+            "socks",
+            "--gssapi-min-protection",
+            "integrity",
+            "--gssapi-max-protection",
+            "integrity",
+            "--gssapi-principal",
+            "alice@EXAMPLE.ORG",
+            "--gssapi-principal",
+            "*@OTHER.ORG",
+        ]
+    ).settings()
+    assert (s.gssapi_keytab, s.gssapi_service) == ("/etc/osocks.keytab", "socks")
+    assert (s.gssapi_min_protection, s.gssapi_max_protection) == ("integrity", "integrity")
+    assert s.gssapi_principals == ("alice@EXAMPLE.ORG", "*@OTHER.ORG")
+    defaults = cli.parse([]).settings()
+    assert (defaults.gssapi_keytab, defaults.gssapi_service) == (None, "rcmd")
+    assert (defaults.gssapi_min_protection, defaults.gssapi_max_protection) == ("none", "confidentiality")
+    assert "--gssapi-keytab FILE" in cli.usage() and "--gssapi-principal P" in cli.usage()
+
+
 def test_ipv6_only_listens_on_the_ipv6_wildcard() -> None:
     assert cli.parse(["-6"]).settings().listen == ("::",)
 
@@ -118,6 +144,11 @@ def test_version_and_help() -> None:
         (["--no-s"], "unknown option '--no-s'"),  # no abbreviations: a typo is not another flag
         (["--allow-local=yes"], "--allow-local takes no value"),
         (["--loop", "trio"], "--loop: 'trio' is not one of uvloop, asyncio"),
+        (["--gssapi-max-protection", "all"], "--gssapi-max-protection: 'all' is not one of none, integrity"),
+        (["--gssapi-principal", "alice"], "--gssapi-principal: 'alice' must be name@REALM or *@REALM"),
+        (["--gssapi-principal", "a*@R"], "--gssapi-principal: 'a*@R' must be name@REALM or *@REALM"),
+        (["--gssapi-service", "rcmd/host"], "--gssapi-service: 'rcmd/host' must be a service name"),
+        (["--gssapi-min-protection", "confidentiality", "--gssapi-max-protection", "integrity"], "is above"),
     ],
 )
 def test_bad_flags_print_one_line_and_exit_nonzero(args: list[str], message: str) -> None:

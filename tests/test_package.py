@@ -251,6 +251,29 @@ def test_uvloop_recipe() -> None:
     assert "$(eval $(call BuildPackage,python3-uvloop))" in UVLOOP_MAKEFILE
 
 
+# --- the optional GSSAPI recipes ---------------------------------------------------------------
+
+
+def test_gssapi_recipes() -> None:
+    """python3-gssapi (and decorator, which it imports) over the packages feed's krb5-libs; osocks itself
+    does not depend on them: GSSAPI is optional (--gssapi-keytab says so when it is missing)."""
+    gssapi = (ROOT / "feeds" / "python3-gssapi" / "Makefile").read_text()
+    decorator = (ROOT / "feeds" / "python3-decorator" / "Makefile").read_text()
+    for text, pypi, package, depends in (
+        (gssapi, "gssapi", "python3-gssapi", {"+python3-light", "+python3-decorator", "+krb5-libs"}),
+        (decorator, "decorator", "python3-decorator", {"+python3-light"}),
+    ):
+        v = variables(text)
+        assert re.fullmatch(r"[0-9a-f]{64}", v["PKG_HASH"]) and v["PYPI_NAME"] == pypi
+        assert re.fullmatch(r"\d+\.\d+\.\d+", v["PKG_VERSION"])
+        assert set(variables(block(text, f"Package/{package}"))["DEPENDS"].split()) == depends
+        assert f"$(eval $(call BuildPackage,{package}))" in text
+    v = variables(gssapi)
+    assert {"krb5", "python-cython/host"} <= set(v["PKG_BUILD_DEPENDS"].split())
+    assert "GSSAPI_SUPPORT_DETECT=false" in v["PYTHON3_PKG_BUILD_VARS"]  # no dlopen of the target's library
+    assert "python3-gssapi" not in variables(block(MAKEFILE, "Package/osocks"))["DEPENDS"]
+
+
 # --- test.sh against the installed osocks (pip install -e .) ------------------------------------
 
 

@@ -34,7 +34,7 @@ def test_expected_to_fail():
     [
         ("OpenWrt only, not installed here: ubusd, ubus, python-ubus, pyuci", True),
         ("pyuci (modules euci, uci) is not importable", True),
-        ("no KDC on this machine", True),
+        ("no KDC on this machine", False),  # Debian has krb5-kdc; tests/kerberos.py makes the realm
         ("shellcheck is not installed", False),
         ("network namespace tests need root (ip netns add)", False),
         ("this machine has a syslog socket", False),

@@ -82,6 +82,11 @@ def test_every_option(tmp_path: Path) -> None:
             external_address="203.0.113.7",
             splice="0",
             loop="asyncio",
+            gssapi_keytab="/etc/osocks.keytab",
+            gssapi_service="socks",
+            gssapi_min_protection="integrity",
+            gssapi_max_protection="integrity",
+            gssapi_principal=("alice@EXAMPLE.ORG", "*@OTHER.ORG"),
         )
     )
     assert s == Settings(
@@ -106,6 +111,11 @@ def test_every_option(tmp_path: Path) -> None:
         external_address="203.0.113.7",
         splice=False,
         loop="asyncio",
+        gssapi_keytab="/etc/osocks.keytab",
+        gssapi_service="socks",
+        gssapi_min_protection="integrity",
+        gssapi_max_protection="integrity",
+        gssapi_principals=("alice@EXAMPLE.ORG", "*@OTHER.ORG"),
     )
     assert [u.secret for u in s.users] == ["secret1", SCRYPT, "secret3"]
 
@@ -242,6 +252,10 @@ def test_error_names_the_config() -> None:
         ("external_address", "1.2.3", "external_address: '1.2.3' is not an IPv4 or IPv6 address"),
         ("splice", "sometimes", "splice: 'sometimes' is not a boolean"),
         ("loop", "tokio", "loop: 'tokio' is not one of uvloop, asyncio"),
+        ("gssapi_service", "rcmd/x", "gssapi_service: 'rcmd/x' must be a service name"),
+        ("gssapi_min_protection", "some", "gssapi_min_protection: 'some' is not one of none, integrity"),
+        ("gssapi_max_protection", "all", "gssapi_max_protection: 'all' is not one of none, integrity"),
+        ("gssapi_principal", "alice", "gssapi_principal: 'alice' must be name@REALM or *@REALM"),
         ("enabled", "y", "enabled: 'y' is not a boolean"),
         ("prot", "1080", "prot: unknown option"),
         ("interfaces", "lan", "interfaces: unknown option"),

@@ -38,7 +38,20 @@ def load_settings(command: cli.Command) -> Settings:
             base = uci.load(command.uci, confdir=confdir)
         elif uci.available() and os.path.exists(f"{confdir}/osocks"):
             base = uci.load("osocks", confdir=confdir)
-    return command.settings(base)
+    settings = command.settings(base)
+    if settings.gssapi_keytab:
+        check_gssapi(settings)
+    return settings
+
+
+def check_gssapi(settings: Settings) -> None:
+    """python-gssapi importable, and a key for the service in the keytab: else one clear line at start."""
+    from . import gss
+
+    try:
+        gss.acceptor(settings)
+    except gss.GssUnavailable as e:
+        raise SettingsError(f"gssapi_keytab (--gssapi-keytab): {e}") from None
 
 
 def setup_logging(settings: Settings) -> None:

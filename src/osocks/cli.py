@@ -9,8 +9,10 @@ from typing import Any, NoReturn
 from . import __version__
 from .settings import (
     DEFAULTS,
+    PROTECTIONS,
     Settings,
     SettingsError,
+    check_principal_pattern,
     parse_networks,
     parse_rules,
     parse_user,
@@ -44,6 +46,12 @@ Usage: osocks [-l addr] [-p port] [-n num] [-I idle-timeout] [-T connect-timeout
   -i IFACE                    listen on the addresses of OpenWrt interface IFACE (repeatable)
   --no-splice                 copy bytes in Python instead of splice(2)
   --loop uvloop|asyncio       event loop (uvloop; asyncio: Python's own)
+  --gssapi-keytab FILE        offer GSSAPI (RFC 1961) authentication with the keys in FILE
+                              (needs python-gssapi: pip install osocks[gssapi], OpenWrt python3-gssapi)
+  --gssapi-service NAME       accept tickets for NAME/<any host in the keytab> (rcmd)
+  --gssapi-min-protection L   none, integrity or confidentiality: the least a client may ask for (none)
+  --gssapi-max-protection L   the most granted (confidentiality; none for curl, which protects nothing)
+  --gssapi-principal P        allow only principal P (name@REALM, or *@REALM; repeatable)
   --uci[=CONFIG] / -c CONFIG  read /etc/config/CONFIG (osocks) first; flags override it
   --no-uci                    do not read UCI (the default where UCI is not installed)
   --uci-dir DIR               where UCI configs are (/etc/config)
@@ -82,6 +90,20 @@ def _port(text: str) -> int:
     return value
 
 
+def _protection(text: str) -> str:
+    if text not in PROTECTIONS:
+        raise UsageError(f"{text!r} is not one of {', '.join(PROTECTIONS)}")
+    return text
+
+
+def _principal(text: str) -> str:
+    try:
+        check_principal_pattern("", text)
+    except SettingsError as e:
+        raise UsageError(str(e).removeprefix(": ")) from None
+    return text
+
+
 # flag -> (key in Command.given, action, how to read its value; or, for a flag that takes
 # none, the value it stands for).  getopt rather than argparse: argparse and what it
 # imports (shutil, bz2, lzma) held 0.7 MB of a router's RAM for the whole run.
@@ -115,6 +137,11 @@ _OPTIONS: dict[str, tuple[str, str, Any]] = {
     "-i": ("interface", _APPEND, str),
     "--no-splice": ("splice", _SET, False),
     "--loop": ("loop", _SET, str),
+    "--gssapi-keytab": ("gssapi_keytab", _SET, str),
+    "--gssapi-service": ("gssapi_service", _SET, str),
+    "--gssapi-min-protection": ("gssapi_min_protection", _SET, _protection),
+    "--gssapi-max-protection": ("gssapi_max_protection", _SET, _protection),
+    "--gssapi-principal": ("gssapi_principals", _APPEND, _principal),
     "--uci": ("uci", _SET, "osocks"),
     "-c": ("uci", _SET, str),
     "--no-uci": ("no_uci", _SET, True),
@@ -183,9 +210,14 @@ class Command:
             "external_address",
             "splice",
             "loop",
+            "gssapi_keytab",
+            "gssapi_service",
+            "gssapi_min_protection",
+            "gssapi_max_protection",
+            "gssapi_principals",
         ):
             if name in g:
-                changes[name] = tuple(g[name]) if name == "listen" else g[name]
+                changes[name] = tuple(g[name]) if name in ("listen", "gssapi_principals") else g[name]
         if "louder" in g or "quieter" in g:
             changes["verbosity"] = base.verbosity + g.get("louder", 0) - g.get("quieter", 0)
         if g.get("family") == "ipv6" and "listen" not in g and base.listen == DEFAULTS.listen:

@@ -126,8 +126,11 @@ class Session(asyncio.Protocol):
 
     def _choose_method(self, methods: bytes) -> None:
         settings = self.settings
-        if settings.users and not self._anonymous_client():
-            if Method.USERNAME_PASSWORD in methods:
+        if settings.gssapi_keytab and Method.GSSAPI in methods:
+            self._start_gssapi()
+            return
+        if (settings.users or settings.gssapi_keytab) and not self._anonymous_client():
+            if settings.users and Method.USERNAME_PASSWORD in methods:
                 self.transport.write(socks5.select_method(Method.USERNAME_PASSWORD))
                 self.state = AUTH
                 return
@@ -143,6 +146,38 @@ class Session(asyncio.Protocol):
             return False
         address = netinfo.plain_address(self.client[0])
         return any(address in net for net in self.settings.anonymous)
+
+    def _start_gssapi(self) -> None:
+        from . import gss  # python-gssapi only where a keytab is configured
+
+        try:
+            acceptor = gss.acceptor(self.settings)
+        except gss.GssUnavailable as e:
+            log.error("GSSAPI: %s", e)
+            self.transport.write(socks5.select_method(Method.NO_ACCEPTABLE))
+            self.finish("GSSAPI unavailable")
+            return
+        self.transport.write(socks5.select_method(Method.GSSAPI))
+        self.state = AUTH
+        early, self.buffer = self.buffer, b""
+        gss.Handshake(self, acceptor, early)  # has the transport until it calls authenticated() or auth_failed()
+
+    def authenticated(self, user: str, transport: asyncio.Transport, rest: bytes, can_splice: bool = True) -> None:
+        """GSSAPI is done: `transport` (the client's, or a gss.Channel protecting it) carries the request."""
+        self.user = user
+        self.transport = transport
+        if not can_splice:
+            self.settings = self.settings.replace(splice=False)
+        self.state = REQUEST
+        transport.set_protocol(self)
+        if rest:
+            self.data_received(rest)
+
+    def auth_failed(self, user: str, why: str = "") -> None:
+        self.server.counters.auth_failures += 1
+        who = f" for user {user!r}" if user or not why else ""
+        log.warning("client %s: authentication failed%s%s", _endpoint(self.client), who, f": {why}" if why else "")
+        self.finish("authentication failed")
 
     def _authenticate(self, credentials: socks5.Credentials) -> None:
         from . import auth  # hashlib and hmac only where there are users to check
@@ -181,10 +216,8 @@ class Session(asyncio.Protocol):
             self.transport.write(socks5.auth_reply(True))
             self.state = REQUEST
             return
-        self.server.counters.auth_failures += 1
-        log.warning("client %s: authentication failed for user %r", _endpoint(self.client), name)
         self.transport.write(socks5.auth_reply(False))
-        self.finish("authentication failed")
+        self.auth_failed(name)
 
     def _run(self, request: socks5.Request) -> None:
         self.target = f"{_host(request.host)}:{request.port}"

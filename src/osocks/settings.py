@@ -15,6 +15,8 @@ from .rules import Rule, parse_network, parse_rule
 
 Family = Literal["any", "ipv4", "ipv6"]
 FAMILIES: tuple[Family, ...] = ("any", "ipv4", "ipv6")
+ProtectionName = Literal["none", "integrity", "confidentiality"]
+PROTECTIONS: tuple[ProtectionName, ...] = ("none", "integrity", "confidentiality")  # RFC 1961 levels 0, 1, 2
 EventLoop = Literal["uvloop", "asyncio"]
 EVENT_LOOPS: tuple[EventLoop, ...] = ("uvloop", "asyncio")
 
@@ -55,6 +57,11 @@ class Settings:
     interfaces: tuple[str, ...] = ()  # OpenWrt logical interfaces whose addresses we listen on
     splice: bool = True
     loop: EventLoop = "uvloop"  # uvloop where it is installed, else (with a log line) asyncio's own
+    gssapi_keytab: str | None = None  # offer GSSAPI (RFC 1961) with the keys in this keytab
+    gssapi_service: str = "rcmd"  # accept tickets for gssapi_service/<any host in the keytab>
+    gssapi_min_protection: ProtectionName = "none"
+    gssapi_max_protection: ProtectionName = "confidentiality"
+    gssapi_principals: tuple[str, ...] = ()  # allowed principals, "name@REALM" or "*@REALM"; empty: all
 
     def __post_init__(self) -> None:
         check_port("port", self.port)
@@ -82,6 +89,24 @@ class Settings:
         if len(set(names)) != len(names):
             twice = next(name for name in names if names.count(name) > 1)
             raise SettingsError(f"users: user {twice!r} is listed twice")
+        self._check_gssapi()
+
+    def _check_gssapi(self) -> None:
+        if self.gssapi_keytab == "":
+            raise SettingsError("gssapi_keytab: an empty file name")
+        service = self.gssapi_service
+        if not service or any(c in service for c in "/@ \t"):
+            raise SettingsError(f"gssapi_service: {service!r} must be a service name such as rcmd (no '/', '@')")
+        for name in ("gssapi_min_protection", "gssapi_max_protection"):
+            if getattr(self, name) not in PROTECTIONS:
+                raise SettingsError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(PROTECTIONS)}")
+        if PROTECTIONS.index(self.gssapi_min_protection) > PROTECTIONS.index(self.gssapi_max_protection):
+            raise SettingsError(
+                f"gssapi_min_protection: {self.gssapi_min_protection!r} is above "
+                f"gssapi_max_protection {self.gssapi_max_protection!r}"
+            )
+        for pattern in self.gssapi_principals:
+            check_principal_pattern("gssapi_principals", pattern)
 
     def replace(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -110,6 +135,13 @@ def check_address(name: str, address: str) -> None:
         ipaddress.ip_address(address)
     except ValueError:
         raise SettingsError(f"{name}: {address!r} is not an IPv4 or IPv6 address") from None
+
+
+def check_principal_pattern(name: str, pattern: str) -> None:
+    """A principal with its realm (alice@EXAMPLE.ORG), or every principal of a realm (*@EXAMPLE.ORG)."""
+    who, at, realm = pattern.rpartition("@")
+    if not at or not who or not realm or "*" in realm or ("*" in who and who != "*"):
+        raise SettingsError(f"{name}: {pattern!r} must be name@REALM or *@REALM")
 
 
 def parse_user(text: str, option: str = "user") -> User:

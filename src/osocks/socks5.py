@@ -1,4 +1,4 @@
-"""The SOCKS5 wire codec (RFC 1928, RFC 1929): bytes in, records out, no sockets.
+"""The SOCKS5 wire codec (RFC 1928, RFC 1929, RFC 1961's framing): bytes in, records out, no sockets.
 
 Each `parse_*` takes the bytes received so far and returns `(message, used)`,
 where `used` is how many bytes the message took, or `None` when more bytes are
@@ -15,6 +15,8 @@ from enum import IntEnum
 
 VERSION = 5
 AUTH_VERSION = 1
+GSS_VERSION = 1
+MAX_GSS_TOKEN = 0xFFFF  # LEN is two bytes
 
 
 class Method(IntEnum):
@@ -48,6 +50,24 @@ class ReplyCode(IntEnum):
     ADDRESS_TYPE_NOT_SUPPORTED = 0x08
 
 
+class GssMessage(IntEnum):
+    """RFC 1961 MTYP."""
+
+    CONTEXT = 0x01  # a context establishment token
+    PROTECTION = 0x02  # protection-level negotiation
+    ENCAPSULATED = 0x03  # a per-message protected SOCKS message or relayed data
+    ABORT = 0xFF  # [1][0xFF], no LEN: the sender gives up
+
+
+class Protection(IntEnum):
+    """RFC 1961 protection levels, and the de-facto 0 (no per-message protection) that curl asks for."""
+
+    NONE = 0
+    INTEGRITY = 1
+    CONFIDENTIALITY = 2
+    SELECTIVE = 3  # integrity or confidentiality chosen per message
+
+
 class ProtocolError(Exception):
     def __init__(self, message: str, reply: ReplyCode | None = None) -> None:
         super().__init__(message)
@@ -74,6 +94,12 @@ class Request:
     host: str  # an IP literal, or a domain name
     port: int
     address_type: int  # an AddressType
+
+
+@dataclass(slots=True)
+class GssFrame:
+    kind: int  # a GssMessage
+    token: bytes
 
 
 @dataclass(slots=True)
@@ -187,6 +213,36 @@ def parse_udp_header(data: bytes) -> tuple[UdpHeader, int] | None:
         return None
     atyp, host, port, end = parsed
     return UdpHeader(data[2], host, port, atyp), end
+
+
+def parse_gss_frame(data: bytes) -> tuple[GssFrame, int] | None:
+    """RFC 1961: VER MTYP LEN(2) TOKEN, or the two bytes VER 0xFF of a peer that gives up."""
+    if not data:
+        return None
+    if data[0] != GSS_VERSION:
+        raise ProtocolError(f"GSSAPI message version {data[0]:#04x}, expected 0x01")
+    if len(data) < 2:
+        return None
+    kind = data[1]
+    if kind == GssMessage.ABORT:
+        return GssFrame(kind, b""), 2
+    if kind not in (GssMessage.CONTEXT, GssMessage.PROTECTION, GssMessage.ENCAPSULATED):
+        raise ProtocolError(f"unknown GSSAPI message type {kind:#04x}")
+    if len(data) < 4:
+        return None
+    end = 4 + ((data[2] << 8) | data[3])
+    if len(data) < end:
+        return None
+    return GssFrame(kind, bytes(data[4:end])), end
+
+
+def encode_gss_frame(kind: GssMessage, token: bytes) -> bytes:
+    if len(token) > MAX_GSS_TOKEN:
+        raise ValueError(f"GSSAPI token of {len(token)} bytes (at most {MAX_GSS_TOKEN})")
+    return bytes((GSS_VERSION, kind)) + len(token).to_bytes(2, "big") + token
+
+
+GSS_ABORT = bytes((GSS_VERSION, GssMessage.ABORT))
 
 
 def select_method(method: Method) -> bytes:

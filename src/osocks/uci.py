@@ -81,6 +81,10 @@ SCALARS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "external_address": ("external_address", _str),
     "splice": ("splice", _bool),
     "loop": ("loop", _str),
+    "gssapi_keytab": ("gssapi_keytab", _str),
+    "gssapi_service": ("gssapi_service", _str),
+    "gssapi_min_protection": ("gssapi_min_protection", _str),
+    "gssapi_max_protection": ("gssapi_max_protection", _str),
     "user_file": ("users", _str),
 }
 # UCI list → Settings field.  Addresses, interfaces and networks may also be
@@ -92,6 +96,7 @@ LISTS = {
     "user": "users",
     "client_rule": "client_rules",
     "dest_rule": "dest_rules",
+    "gssapi_principal": "gssapi_principals",
 }
 SPLIT = {"listen", "interface", "anonymous"}
 UCI_NAMES = {field: option for option, field in LISTS.items()} | {

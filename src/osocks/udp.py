@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import socks5, tasks
+from .gss import Channel
 from .netinfo import plain_address as _plain
 from .socks5 import AddressType, ProtocolError
 
@@ -103,6 +104,7 @@ class Association:
         "down",
         "closed",
         "tasks",
+        "protect",
     )
 
     def __init__(self, session: Session, client_port: int) -> None:
@@ -117,6 +119,8 @@ class Association:
         self.up = self.down = 0
         self.closed = False
         self.tasks: set[asyncio.Task[None]] = set()  # name lookups and outbound sockets being opened
+        transport = session.transport
+        self.protect = transport if isinstance(transport, Channel) else None  # GSSAPI per-message protection
 
     async def open(self, local_host: str) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -133,6 +137,12 @@ class Association:
             return
         if self.client_port and addr[1] != self.client_port:
             return
+        if self.protect is not None:
+            unsealed = self.protect.unseal(data)
+            if unsealed is None:
+                self._invalid("not a GSSAPI-protected datagram of this session")
+                return
+            data = unsealed
         self.client_port = addr[1]
         try:
             parsed = socks5.parse_udp_header(data)
@@ -233,9 +243,13 @@ class Association:
         source = str(_plain(addr[0]))
         if (source, addr[1]) not in self.peers:
             return
-        self.client_side.sendto(
-            socks5.encode_udp_header(source, addr[1]) + data, (str(self.session.client[0]), self.client_port)
-        )
+        datagram = socks5.encode_udp_header(source, addr[1]) + data
+        if self.protect is not None:
+            sealed = self.protect.seal(datagram)
+            if sealed is None:  # too large to wrap into one datagram
+                return
+            datagram = sealed
+        self.client_side.sendto(datagram, (str(self.session.client[0]), self.client_port))
         self.down += len(data)
         counters = self.session.server.counters
         counters.udp_datagrams += 1
