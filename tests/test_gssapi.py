@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from kerberos import REALM, Realm, missing_tools
 
-from conftest import ROOT, EchoServer, HttpServer, ServerThread, recv_exactly
+from conftest import ROOT, EchoServer, HttpServer, OsocksProcess, ServerThread, recv_exactly
 from osocks import socks5
 from osocks.socks5 import Command, GssMessage, Method, ReplyCode
 
@@ -586,6 +586,22 @@ def test_acceptor_steps_run_off_the_event_loop(
         gss.Acceptor.step = real_step  # type: ignore[method-assign]
     assert threads and osocks.thread.name not in threads
     assert "GSSAPI acceptor step took" in caplog.text
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_real_process_serves_gssapi(
+    run_osocks: Callable[..., OsocksProcess], echo: EchoServer, realm: Realm, workers: str
+) -> None:
+    server = run_osocks(
+        "-l", "127.0.0.1", "-p", "0", "--allow-local", "-w", workers, "--gssapi-keytab", str(realm.keytab),
+        env=dict(os.environ),
+    )
+    for level in (0, 2, 1):
+        works(server.port, echo, level=level)
+    client = GssClient(server.port, target="host/localhost")
+    assert client.greet() == Method.GSSAPI
+    expect_rejected(client)
+    works(server.port, echo, level=2)
 
 
 def _run_osocks(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

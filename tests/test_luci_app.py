@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT
 from osocks import ubus
 from osocks.rules import parse_network, parse_rule
-from osocks.settings import SettingsError, check_address, check_port, parse_user
+from osocks.settings import Settings, SettingsError, check_address, check_port, check_principal_pattern, parse_user
 
 APP = ROOT / "feeds" / "luci-app-osocks"
 RESOURCES = APP / "htdocs" / "luci-static" / "resources"
@@ -247,6 +247,20 @@ CASES: dict[str, list[str]] = {
         "deny 300.0.0.0/8",
         "allow all port 1-2-3",
     ],
+    "serviceName": ["rcmd", "socks", "HTTP", "rcmd/host", "rcmd@", "r cmd", "r\tcmd", "*"],
+    "principal": [
+        "alice@EXAMPLE.ORG",
+        "*@EXAMPLE.ORG",
+        "alice/admin@EXAMPLE.ORG",
+        "a@b@EXAMPLE.ORG",
+        "alice",
+        "@EXAMPLE.ORG",
+        "alice@",
+        "*@*",
+        "a*@EXAMPLE.ORG",
+        "**@EXAMPLE.ORG",
+        "*",
+    ],
 }
 
 
@@ -268,6 +282,10 @@ def server_accepts(kind: str, text: str) -> bool:
                 parse_network(word)
         elif kind == "rule":
             parse_rule(text)
+        elif kind == "serviceName":
+            Settings(gssapi_service=text)
+        elif kind == "principal":
+            check_principal_pattern("principal", text)
     except (ValueError, SettingsError):
         return False
     return True

@@ -188,6 +188,25 @@ return baseclass.extend({
 		return true;
 	},
 
+	/* gssapi_service: the service part of a principal (rcmd), so no '/' or '@' */
+	serviceName(value) {
+		return value == '' || !/[\/@ \t]/.test(value) ||
+			_('Expecting a service name such as rcmd, without "/" or "@"');
+	},
+
+	/* gssapi_principal: name@REALM, or *@REALM for every principal of the realm */
+	principal(value) {
+		if (value == '')
+			return true;
+
+		const at = value.lastIndexOf('@');
+		const who = at > 0 ? value.slice(0, at) : '';
+		const realm = at >= 0 ? value.slice(at + 1) : '';
+
+		return (who != '' && realm != '' && realm.indexOf('*') < 0 && (who == '*' || who.indexOf('*') < 0)) ||
+			_('Expecting a principal like alice@EXAMPLE.ORG, or *@EXAMPLE.ORG');
+	},
+
 	/* a user name to add: RFC 1929 carries 255 bytes, and ':' ends the name in UCI */
 	userName(value) {
 		if (value == '')

@@ -237,6 +237,41 @@ return view.extend({
 		o.validate = validator(check.networks);
 		o.placeholder = '192.168.1.0/24';
 
+		o = s.taboption('users', form.Value, 'gssapi_keytab', _('GSSAPI keytab'),
+			_('Offer GSSAPI (Kerberos) logins with the keys in this keytab, readable by user osocks. Needs the package python3-gssapi.'));
+		o.placeholder = '/etc/osocks.keytab';
+
+		o = s.taboption('users', form.Value, 'gssapi_service', _('GSSAPI service'),
+			_('Tickets for SERVICE/host are accepted, for any host whose key is in the keytab.'));
+		o.validate = validator(check.serviceName);
+		o.placeholder = 'rcmd';
+
+		o = s.taboption('users', form.ListValue, 'gssapi_min_protection', _('GSSAPI least protection'),
+			_('Clients asking for less are refused.'));
+		o.value('none', _('None'));
+		o.value('integrity', _('Integrity'));
+		o.value('confidentiality', _('Integrity and confidentiality'));
+		o.default = 'none';
+
+		o = s.taboption('users', form.ListValue, 'gssapi_max_protection', _('GSSAPI most protection'),
+			_('Protected sessions cost CPU and are never spliced. curl protects nothing: choose None for it.'));
+		o.value('none', _('None'));
+		o.value('integrity', _('Integrity'));
+		o.value('confidentiality', _('Integrity and confidentiality'));
+		o.default = 'confidentiality';
+		o.validate = function(section_id, value) {
+			const levels = [ 'none', 'integrity', 'confidentiality' ];
+			const least = this.section.formvalue(section_id, 'gssapi_min_protection') || 'none';
+
+			return levels.indexOf(value || 'confidentiality') >= levels.indexOf(least) ||
+				_('Less than the least protection');
+		};
+
+		o = s.taboption('users', form.DynamicList, 'gssapi_principal', _('GSSAPI principals'),
+			_('Only these principals may log in (name@REALM, or *@REALM); none listed: every principal of the KDC.'));
+		o.validate = validator(check.principal);
+		o.placeholder = '*@EXAMPLE.ORG';
+
 		/* Access */
 		o = s.taboption('access', form.DynamicList, 'client_rule', _('Client rules'),
 			_('Which clients may connect: "allow|deny NETWORK|all [port P[-Q],...]", first match wins, no match allows. End with "deny all" to deny by default.'));
