@@ -178,6 +178,9 @@ class GssClient:
 
     def request(self, command: int, host: str, port: int) -> tuple[int, str, int]:
         self.send(socks5.encode_request(command, host, port))
+        return self.read_reply()
+
+    def read_reply(self) -> tuple[int, str, int]:
         head = self.recv(4)
         size = {1: 6, 4: 18}.get(head[3])
         rest = self.recv(size) if size else b""
@@ -333,6 +336,23 @@ def test_udp_datagrams_are_wrapped(gss_server: Callable[..., ServerThread]) -> N
     client.close()
     peer.close()
     udp.close()
+
+
+def test_bind_replies_and_data_are_wrapped(gss_server: Callable[..., ServerThread]) -> None:
+    osocks = gss_server()
+    client = GssClient(osocks.port)
+    assert client.login(2) == 2
+    code, host, port = client.request(Command.BIND, "127.0.0.1", 0)
+    assert code == ReplyCode.SUCCEEDED
+    peer = socket.create_connection((host, port), timeout=10)
+    code, peer_host, peer_port = client.read_reply()
+    assert (code, peer_host, peer_port) == (ReplyCode.SUCCEEDED, *peer.getsockname()[:2])
+    peer.sendall(b"to the client")
+    assert client.recv(13) == b"to the client"
+    client.send(b"to the peer")
+    assert recv_exactly(peer, 11) == b"to the peer"
+    peer.close()
+    client.close()
 
 
 # -- method choice -------------------------------------------------------
