@@ -3,6 +3,7 @@ and a small client on python-gssapi that negotiates each protection level."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import uvloop
 from kerberos import REALM, Realm, missing_tools
 
 from conftest import ROOT, EchoServer, HttpServer, OsocksProcess, ServerThread, recv_exactly
@@ -244,11 +246,12 @@ def test_pycurl_downloads_through_gssapi(
 # -- protection levels ---------------------------------------------------
 
 
+@pytest.mark.parametrize("loop", [uvloop.new_event_loop, asyncio.new_event_loop], ids=["uvloop", "asyncio"])
 @pytest.mark.parametrize("level", [0, 1, 2])
 def test_each_level_round_trips_ten_megabytes_each_way(
-    gss_server: Callable[..., ServerThread], echo: EchoServer, level: int
+    gss_server: Callable[..., ServerThread], echo: EchoServer, level: int, loop: Callable
 ) -> None:
-    osocks = gss_server()
+    osocks = gss_server(loop_factory=loop)
     client = GssClient(osocks.port)
     assert client.login(level) == level
     code, _, _ = client.request(Command.CONNECT, "127.0.0.1", echo.port)
