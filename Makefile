@@ -21,6 +21,9 @@ PKG_BUILD_DEPENDS:=$(if $(PYTHON3_SETUPTOOLS_VERSION),,python-setuptools/host)
 include $(INCLUDE_DIR)/package.mk
 include $(TOPDIR)/feeds/packages/lang/python/python3-package.mk
 
+# python3-uvloop only with OSOCKS_UVLOOP (default y), as it is not in the packages feed
+PKG_CONFIG_DEPENDS:=CONFIG_OSOCKS_UVLOOP
+
 # DEPENDS: python3-codecs for the idna codec behind every name lookup, python3-openssl for
 # _hashlib (password hashes); tests/test_openwrt_imports.py holds the list against the imports
 define Package/osocks
@@ -29,8 +32,19 @@ define Package/osocks
   SUBMENU:=Web Servers/Proxies
   TITLE:=Small, fast SOCKS5 server (Python, asyncio and uvloop)
   DEPENDS:=+python3-light +python3-asyncio +python3-logging +python3-codecs +python3-openssl \
-	+python3-ubus +python3-uci +python3-uvloop
+	+python3-ubus +python3-uci +OSOCKS_UVLOOP:python3-uvloop
   USERID:=osocks:osocks
+endef
+
+define Package/osocks/config
+config OSOCKS_UVLOOP
+	bool "Run on uvloop (python3-uvloop from this feed)"
+	depends on PACKAGE_osocks
+	default y
+	help
+	  On uvloop a new session costs about 40% less CPU than on Python's
+	  own event loop, for about 1.6 MB of flash. Without it osocks runs
+	  on the stock asyncio loop (see feeds/README.md).
 endef
 
 define Package/osocks/description

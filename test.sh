@@ -196,8 +196,12 @@ echo "bob logs in"
 
 if [ -n "$UBUS" ]; then
 	echo "== ubus call osocks status"
-	wait_for 20 ubus call osocks status || fail "ubus call osocks status: $(ubus call osocks status 2>&1)"
-	status=$(ubus call osocks status)
+	i=0
+	until status=$(ubus call osocks status 2>&1); do
+		i=$((i + 1))
+		[ "$i" -le 20 ] || fail "ubus call osocks status: $status"
+		sleep 1
+	done
 	echo "$status" | grep '"sessions"' || fail "ubus status has no \"sessions\""
 	echo "$status" | grep -E "\"port\": $PORT([^0-9]|\$)" || fail "ubus object osocks is not this osocks (port $PORT)"
 	echo "== reload over ubus: user carol"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, EchoServer, OsocksProcess, read_reply, recv_exactly
+from conftest import ROOT, STOCK_LOOP, EchoServer, OsocksProcess, read_reply, recv_exactly
 from openwrt import split
 from osocks import socks5
 from osocks.socks5 import Command, ReplyCode
@@ -67,11 +67,19 @@ class Guarded:
             process.stop()
 
 
-@pytest.fixture
-def router(tmp_path: Path) -> Iterator[Guarded]:
-    """What installing osocks from this feed puts on the router, computed from the Makefiles."""
+def routers() -> dict[str, set[str]]:
+    """What installing osocks from this feed puts on the router, computed from the Makefiles: built with
+    python3-uvloop (OSOCKS_UVLOOP=y, the default) and without it."""
     assert RELEASE is not None
-    guarded = Guarded(split.installed(RELEASE), tmp_path)
+    return {"uvloop": split.installed(RELEASE), "stock-loop": split.installed(RELEASE, ())}
+
+
+ROUTERS = routers() if RELEASE is not None else {}
+
+
+@pytest.fixture(params=sorted(ROUTERS))
+def router(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Guarded]:
+    guarded = Guarded(ROUTERS[request.param], tmp_path)
     yield guarded
     guarded.stop()
 
@@ -98,7 +106,7 @@ def test_guard_refuses_modules_of_packages_not_installed(tmp_path: Path) -> None
 
 
 def test_guard_lets_the_installed_packages_import(router: Guarded) -> None:
-    result = router.python("-c", "import asyncio, logging, unicodedata, uvloop; print('bücher.example'.encode('idna'))")
+    result = router.python("-c", "import asyncio, logging, unicodedata; print('bücher.example'.encode('idna'))")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "b'xn--bcher-kva.example'"
 
@@ -213,6 +221,8 @@ def users(router: Guarded, tmp_path: Path) -> Path:
 
 def test_osocks_as_on_the_router(router: Guarded, users: Path, echo: EchoServer) -> None:
     server = router.osocks("-l", "127.0.0.1", "-p", "0", "--allow-local", "-U", str(users))
+    stock = "python3-uvloop" not in router.packages or STOCK_LOOP
+    assert ("uvloop is not installed" in wait_line(server, "listening on")) == stock
 
     with logged_in(server.port, "alice", "wonderland") as sock:
         assert echoed_through(sock, "127.0.0.1", echo.port, b"ipv4") == b"ipv4"
@@ -287,7 +297,11 @@ syslog.settimeout(20)
 osocks = subprocess.Popen([sys.executable, "-m", "osocks", "--no-uci", "-s", "-l", "127.0.0.1", "-p", "0"],
                           env=eval(sys.argv[1]), stderr=subprocess.PIPE, text=True)
 try:
-    print(syslog.recv(4096).decode(errors="replace"), flush=True)
+    for _ in range(5):
+        line = syslog.recv(4096).decode(errors="replace")
+        if "listening on" in line:
+            print(line, flush=True)
+            break
 finally:
     osocks.terminate()
     print("exit", osocks.wait(10), osocks.stderr.read(), flush=True)

@@ -31,7 +31,7 @@ DEPENDS = {
     "python3-openssl",
     "python3-ubus",
     "python3-uci",
-    "python3-uvloop",
+    "OSOCKS_UVLOOP:python3-uvloop",  # only recommended: feeds/README.md
 }
 MAINTAINER = re.compile(r"[^<>]+ <[^@<>\s]+@[^@<>\s]+>")  # OpenWrt's "Name <address>"
 
@@ -70,6 +70,12 @@ def test_depends_are_exactly_the_runtime_eight() -> None:
     depends = variables(block(MAKEFILE, "Package/osocks"))["DEPENDS"].split()
     assert all(d.startswith("+") for d in depends)
     assert len(depends) == len(DEPENDS) and {d[1:] for d in depends} == DEPENDS
+
+
+def test_uvloop_is_a_config_option_on_by_default() -> None:
+    config = block(MAKEFILE, "Package/osocks/config")
+    assert re.search(r"^config OSOCKS_UVLOOP\n\tbool .*\n\tdepends on PACKAGE_osocks\n\tdefault y\n", config, re.M)
+    assert variables(MAKEFILE)["PKG_CONFIG_DEPENDS"].split() == ["CONFIG_OSOCKS_UVLOOP"]
 
 
 def test_wheel_and_console_script_match_the_recipe() -> None:
@@ -300,19 +306,24 @@ def busybox_path(bin_dir: Path, hide_ubus: bool) -> str:
     return str(bin_dir)
 
 
-def run_test_sh(tmp_path: Path, *args: str, hide_ubus: bool = False) -> subprocess.CompletedProcess[str]:
+def run_test_sh(
+    tmp_path: Path, *args: str, hide_ubus: bool = False, with_uvloop: bool = False
+) -> subprocess.CompletedProcess[str]:
     """test.sh as the packages-feed CI runs it on the router: busybox sh with only busybox's applets,
-    and python3 with only the standard library the package's DEPENDS install (tests/openwrt/guard)."""
+    and python3 with only the standard library the package's DEPENDS install (tests/openwrt/guard),
+    and python3-uvloop if asked for."""
     release = split.release_for_running_python()
     env = {**os.environ, "PATH": busybox_path(tmp_path / "bin", hide_ubus)}
     if release is not None:
-        env = split.guard_env(split.installed(release), release, tmp_path / "refused.log", env)
+        packages = split.installed(release, split.DEFAULT_CONFIG if with_uvloop else ())
+        env = split.guard_env(packages, release, tmp_path / "refused.log", env)
     busybox = shutil.which("busybox") or "busybox"
     return subprocess.run([busybox, "sh", str(TEST_SH), *args], capture_output=True, text=True, env=env, timeout=120)
 
 
-def test_test_sh_without_ubus(tmp_path: Path) -> None:
-    result = run_test_sh(tmp_path, "osocks", osocks.__version__, hide_ubus=True)
+@pytest.mark.parametrize("with_uvloop", [False, True], ids=["as-depends", "with-python3-uvloop"])
+def test_test_sh_without_ubus(tmp_path: Path, with_uvloop: bool) -> None:
+    result = run_test_sh(tmp_path, "osocks", osocks.__version__, hide_ubus=True, with_uvloop=with_uvloop)
     assert result.returncode == 0, result.stdout + result.stderr
     for line in (
         "echoed: hello through osocks",

@@ -77,8 +77,7 @@ def new_event_loop(settings: Settings) -> asyncio.AbstractEventLoop:
         return _stock_loop()
     try:
         import uvloop
-    except ImportError:
-        log.info("uvloop is not installed: using the stock asyncio event loop")
+    except ImportError:  # said in the "listening on" line (loop_note), so an error exit stays one line
         return _stock_loop()
     return uvloop.new_event_loop()
 
@@ -87,6 +86,12 @@ def _stock_loop() -> asyncio.AbstractEventLoop:
     loop = asyncio.new_event_loop()
     loop.set_exception_handler(quiet_accept_errors)
     return loop
+
+
+def loop_note(settings: Settings, loop: asyncio.AbstractEventLoop) -> str:
+    if settings.loop == "uvloop" and not type(loop).__module__.startswith("uvloop"):
+        return " (uvloop is not installed: using the stock asyncio event loop)"
+    return ""
 
 
 async def log_status(server: Server | Master) -> None:
@@ -183,7 +188,7 @@ async def serve(command: cli.Command, settings: Settings, zygote: Zygote | None 
         await server.start(await interfaces(settings))
         loop.add_signal_handler(signal.SIGHUP, lambda: tasks.start(reload(), background))
         listeners = ", ".join(_endpoint(address) for address in server.bound_addresses())
-        log.info("osocks %s listening on %s", __version__, listeners or "nothing yet")
+        log.info("osocks %s listening on %s%s", __version__, listeners or "nothing yet", loop_note(settings, loop))
         await server.closed.wait()
     finally:
         server.close()

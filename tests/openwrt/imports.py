@@ -4,7 +4,8 @@ those imports load in turn.
 - Python sources are read with `ast`: every import, inside functions too (the lazy ones), except
   those under `if TYPE_CHECKING:` or `if __name__ == "__main__":`; `importlib.import_module("name")`
   with a literal name counts.
-  An import inside `try:` whose handler catches ImportError is optional (the code copes without it).
+  An import inside `try:` whose handler catches ImportError, or inside `with suppress(ImportError):`,
+  is optional (the code copes without it).
 - Cython sources (.pyx, .pxi: uvloop) are read line by line for `import` and `from ... import`.
 - Some needs are not import statements: a host name given to getaddrinfo is encoded with the idna
   codec (encodings.idna), and some functions exist only with an optional C module (USES_NEEDING).
@@ -44,6 +45,14 @@ def _catches_import_error(handler: ast.ExceptHandler) -> bool:
         return True
     names = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
     return any(isinstance(n, ast.Name) and n.id in OPTIONAL_HANDLERS for n in names)
+
+
+def _suppresses_import_error(expr: ast.expr) -> bool:
+    if not isinstance(expr, ast.Call):
+        return False
+    func = expr.func
+    name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+    return name == "suppress" and any(isinstance(a, ast.Name) and a.id in OPTIONAL_HANDLERS for a in expr.args)
 
 
 def _never_at_import(test: ast.expr) -> bool:
@@ -102,6 +111,13 @@ class _Walker(ast.NodeVisitor):
         self.optional -= optional
         for child in [*node.handlers, *node.orelse, *node.finalbody]:
             self.visit(child)
+
+    def visit_With(self, node: ast.With) -> None:  # noqa: N802
+        """`with contextlib.suppress(ImportError):` makes its imports optional, as a try would."""
+        optional = any(_suppresses_import_error(item.context_expr) for item in node.items)
+        self.optional += optional
+        self.generic_visit(node)
+        self.optional -= optional
 
     def visit_FunctionDef(self, node: ast.FunctionDef) -> None:  # noqa: N802
         if self.lazy:

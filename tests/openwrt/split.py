@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class Release:
     packages: dict[str, Package]
     not_installed: tuple[str, ...]  # light_excludes: modules no package installs
     host_python_setuptools: str  # the setuptools the host Python bundles; "" when it bundles none
+    light_excludes_files: tuple[str, ...] = ()  # light_excludes as paths
 
     def owner(self, module: str) -> str | None:
         """The package installing stdlib module `module`; None when no package installs it."""
@@ -69,8 +71,9 @@ class Release:
             return None
         return "python3-light"
 
-    def closure(self, names: set[str] | list[str] | tuple[str, ...], recipes: dict[str, list[str]]) -> set[str]:
-        """`names` and everything their DEPENDS pull in, through this release's packages and our recipes."""
+    def closure(self, names: Iterable[str], recipes: dict[str, list[str]], conditions: Iterable[str] = ()) -> set[str]:
+        """`names` and everything their DEPENDS pull in, through this release's packages and our recipes;
+        a dependency COND:pkg counts only where COND is in `conditions` (a config symbol set to y)."""
         found: set[str] = set()
         todo = list(names)
         while todo:
@@ -78,10 +81,11 @@ class Release:
             if name in found:
                 continue
             found.add(name)
-            if name in recipes:
-                todo += recipes[name]
-            elif name in self.packages:
-                todo += [d for d in self.packages[name].depends if ":" not in d]  # COND:pkg only where COND
+            depends = recipes[name] if name in recipes else self.packages[name].depends if name in self.packages else ()
+            for depend in depends:
+                condition, _, package = depend.rpartition(":")
+                if not condition or condition in conditions:
+                    todo.append(package)
         return found
 
 
@@ -99,7 +103,13 @@ def releases() -> dict[str, Release]:
         }
         excluded = tuple(_module_pattern(f) for f in branch["light_excludes"])
         found[name] = Release(
-            name, branch["commit"], branch["python"], packages, excluded, branch["host_python_setuptools"]
+            name,
+            branch["commit"],
+            branch["python"],
+            packages,
+            excluded,
+            branch["host_python_setuptools"],
+            tuple(branch["light_excludes"]),
         )
     return found
 
@@ -128,9 +138,12 @@ def feed_recipes(overrides: dict[str, str] | None = None) -> dict[str, list[str]
     return {pkg: recipe_depends(overrides.get(pkg) or path.read_text(), pkg) for pkg, path in RECIPES.items()}
 
 
-def installed(release: Release, package: str = "osocks", recipes: dict[str, list[str]] | None = None) -> set[str]:
-    """What installing `package` from our feed puts on a router of `release`."""
-    return release.closure([package], feed_recipes() if recipes is None else recipes)
+DEFAULT_CONFIG = ("OSOCKS_UVLOOP",)  # config symbols of our recipes that default to y
+
+
+def installed(release: Release, conditions: Iterable[str] = DEFAULT_CONFIG) -> set[str]:
+    """What installing osocks from our feed puts on a router of `release`, built with `conditions` set."""
+    return release.closure(["osocks"], feed_recipes(), conditions)
 
 
 def guard_env(
