@@ -8,7 +8,6 @@ every module outside the DEPENDS closure of our Makefiles fail to import, as it 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -179,12 +178,6 @@ def wait_status(server: OsocksProcess, predicate: Callable[[dict], bool], timeou
         time.sleep(0.05)
 
 
-def scrypt_secret(password: str) -> str:
-    salt = os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=1 << 14, r=8, p=1, dklen=32)
-    return f"$scrypt${1 << 14}$8$1${salt.hex()}${digest.hex()}"
-
-
 def has_ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:
@@ -211,11 +204,13 @@ class UdpEcho:
 
 @pytest.fixture
 def users(router: Guarded, tmp_path: Path) -> Path:
-    """alice with a pbkdf2 hash made by `python -m osocks.auth` under the guard, bob with a scrypt hash."""
-    made = router.python("-m", "osocks.auth", "alice", stdin="wonderland\n")
-    assert made.returncode == 0 and made.stdout.startswith("alice:$pbkdf2-sha256$"), made.stderr
+    """alice with a pbkdf2 hash, bob with a scrypt hash, both made by `python -m osocks.auth` under the guard."""
+    alice = router.python("-m", "osocks.auth", "alice", stdin="wonderland\n")
+    assert alice.returncode == 0 and alice.stdout.startswith("alice:$pbkdf2-sha256$"), alice.stderr
+    bob = router.python("-m", "osocks.auth", "--scrypt", "bob", stdin="builder\n")
+    assert bob.returncode == 0 and bob.stdout.startswith("bob:$scrypt$"), bob.stderr
     path = tmp_path / "users"
-    path.write_text(made.stdout + f"bob:{scrypt_secret('builder')}\n")
+    path.write_text(alice.stdout + bob.stdout)
     return path
 
 
