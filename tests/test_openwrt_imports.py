@@ -44,9 +44,11 @@ def stdlib_of(version: str) -> tuple[Stdlib | ForeignStdlib, str]:
     python = find_python(version)
     if python == sys.executable:
         return Stdlib.running(), ""
-    if python is None:
-        here = sys.version.split()[0]
-        return Stdlib.running(), f" (Python {version} is not here: its imports were read from Python {here})"
+    if python is None:  # this Python's sources, but what needs a C module from some version on as `version`
+        here, running = sys.version.split()[0], Stdlib.running()
+        major, minor = (int(x) for x in version.split("."))
+        note = f" (Python {version} is not here: its imports were read from Python {here})"
+        return Stdlib(running.directory, (major, minor), running.names), note
     return ForeignStdlib(python), ""
 
 
