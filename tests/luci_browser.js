@@ -180,6 +180,14 @@ const STEPS = {
 		};
 	},
 
+	async stopped(page, args) {
+		await login(page, 'admin/services/osocks/status');
+		const state = page.locator('#osocks-state');
+		await state.waitFor({ timeout: TIMEOUT });
+
+		return { state: await state.innerText(), sessions: await page.locator('#osocks-sessions').count() };
+	},
+
 	async overview(page, args) {
 		await login(page, 'admin/status/overview');
 		const box = page.locator('#osocks-overview');

@@ -330,6 +330,12 @@ def test_workers_on_the_status_page(tmp_path: Path, http_server: HttpServer) -> 
         assert shown["sessions"][0]["cells"][7] == str(live["worker"])
         assert wait_closed(sock) == b""
         sock.close()
+
+        r.run("/etc/init.d/osocks", "stop")
+        r.wait(lambda: not r.run("ubus", "list", "osocks.luci", check=False).strip())
+        stopped = browser(r, "stopped")
+        assert stopped["state"].startswith("osocks is not running") and stopped["sessions"] == 0
+        assert browser(r, "overview")["text"] == "osocks is not running"
     finally:
         r.stop()
 
@@ -370,11 +376,12 @@ def add_login(r: Router, name: str, password: str, groups: list[str]) -> str:
 
 
 def test_ubus_path_and_acl_through_luci(router: tuple[Router, int]) -> None:
-    """LuCI's /ubus adds ubus_rpc_session: osocks' plain object refuses it, osocks.luci takes it; and a
-    login granted LuCI's base groups and luci-app-osocks reaches what the pages use, one without it nothing."""
+    """LuCI's /ubus adds ubus_rpc_session, which osocks.luci takes (the plain object would answer
+    "Invalid argument": test_ubus_bridge); a login granted LuCI's base groups and luci-app-osocks
+    reaches what the pages use, the package's group osocks its read-only part and reload, others nothing."""
     r, _ = router
     root = login(r.url, "root", r.password)
-    assert jsonrpc(r.url, root, "osocks", "status") == [2]  # UBUS_STATUS_INVALID_ARGUMENT
+    assert jsonrpc(r.url, root, "osocks", "status") == [ACCESS_DENIED]  # no group grants it: it could not answer
     code, status = jsonrpc(r.url, root, "osocks.luci", "status")
     assert code == 0 and status["pid"] == r.osocks_pid()
 
@@ -388,6 +395,10 @@ def test_ubus_path_and_acl_through_luci(router: tuple[Router, int]) -> None:
     assert jsonrpc(r.url, owner, "uci", "get", {"config": "osocks"})[0] == 0
     assert jsonrpc(r.url, owner, "uci", "get", {"config": "rpcd"}) == [PERMISSION_DENIED]
     assert jsonrpc(r.url, owner, "osocks", "reload") == [ACCESS_DENIED]  # the plain object: not granted
+
+    ops = add_login(r, "ops", "0ps-pass", ["osocks"])  # the osocks package's own group
+    assert jsonrpc(r.url, ops, "osocks.luci", "status")[0] == 0 and jsonrpc(r.url, ops, "osocks.luci", "reload")[0] == 0
+    assert jsonrpc(r.url, ops, "osocks.luci", "hash_password", {"password": "x"}) == [ACCESS_DENIED]
 
     guest = add_login(r, "guest", "Gu3st-pass", base)
     assert jsonrpc(r.url, guest, "osocks.luci", "status") == [ACCESS_DENIED]

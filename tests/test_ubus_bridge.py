@@ -239,6 +239,9 @@ def test_luci_object_takes_the_session_argument(sock: str, make_bridge: Callable
     assert luci_call(sock, "reload") == {"reloaded": True, "count": 1}
     assert luci_call(sock, "disconnect", '"id": "1"') == {"disconnected": "1"}
     assert "Invalid argument" in cli(sock, "call", "osocks.luci", "status").stderr  # the plain call is osocks'
+    assert (
+        "Invalid argument" in cli(sock, "call", "osocks", "status", "{" + SESSION + "}").stderr
+    )  # LuCI's, osocks.luci's
 
 
 def test_disconnect(sock: str, make_bridge: Callable[[Fake], UbusBridge]) -> None:
