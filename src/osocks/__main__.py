@@ -57,6 +57,8 @@ def check_gssapi(settings: Settings) -> None:
 def setup_logging(settings: Settings) -> None:
     level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(max(-2, settings.verbosity), logging.DEBUG)
     logging.raiseExceptions = False  # a log line that cannot be written is no reason for a traceback
+    # no getpid() and thread lookups for every record: the syslog tag gets this process's pid below
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     handler: logging.Handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("osocks: %(levelname)s %(message)s"))
     no_syslog = settings.syslog and not os.path.exists(SYSLOG_SOCKET)
@@ -64,7 +66,7 @@ def setup_logging(settings: Settings) -> None:
         from logging.handlers import SysLogHandler  # only here: memory other runs need not pay
 
         handler = SysLogHandler(SYSLOG_SOCKET, facility=SysLogHandler.LOG_DAEMON)
-        handler.setFormatter(logging.Formatter("osocks[%(process)d]: %(message)s"))
+        handler.setFormatter(logging.Formatter(f"osocks[{os.getpid()}]: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -102,20 +102,27 @@ class RelayEnd(asyncio.Protocol):
         if self.early is not None:
             return
         peer = self.peer
-        for end in (self, peer):
-            if end.splicer is not None:
-                end.splicer.close()
-                end.splicer = None
-        if peer.lost:
-            on_closed = self.on_closed
-            for end in (self, peer):  # no reference cycles left behind
-                end.transport = end.peer = end.on_closed = None  # type: ignore[assignment]
-            if on_closed is not None:
-                on_closed()
-        elif exc is not None:
-            peer.transport.abort()
-        else:
-            peer.transport.close()
+        if self.splicer is not None or peer.splicer is not None:
+            _stop_splicing(self, peer)
+        if not peer.lost:
+            if exc is not None:
+                peer.transport.abort()
+            else:
+                peer.transport.close()
+            return
+        on_closed = self.on_closed
+        # no reference cycles left behind
+        self.transport = self.peer = self.on_closed = None  # type: ignore[assignment]
+        peer.transport = peer.peer = peer.on_closed = None  # type: ignore[assignment]
+        if on_closed is not None:
+            on_closed()
+
+
+def _stop_splicing(*ends: RelayEnd) -> None:
+    for end in ends:
+        if end.splicer is not None:
+            end.splicer.close()
+            end.splicer = None
 
 
 def link(client: RelayEnd, upstream: RelayEnd) -> None:

@@ -27,6 +27,7 @@ Resolver = Callable[[str, int, int], Awaitable[list[tuple[int, tuple]]]]
 LISTEN_FIELDS = ("listen", "port", "family", "interfaces")
 BACKLOG = 1024
 Listener = asyncio.Server | stockloop.Listener
+Connecting = Awaitable[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]
 
 
 class ListenError(Exception):
@@ -153,6 +154,7 @@ class Server:
         self._starved = 0  # connections refused for want of descriptors since the last warning
         self._starved_warned = -STARVED_WARN_EVERY
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
+        self.stock_loop = False  # asyncio's own loop, not uvloop: stockloop's transports (set by start())
         self.closed = asyncio.Event()
         self._session_numbers = itertools.count(1)
         self._pid = os.getpid()  # a worker builds its Server after the fork
@@ -161,6 +163,7 @@ class Server:
 
     async def start(self, interface_addresses: dict[str, list[str]] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
+        self.stock_loop = stockloop.is_stock(self.loop)
         await self._open_listeners(self.settings, interface_addresses or {})
         self._tick()
 
@@ -317,14 +320,13 @@ class Server:
         rule = first_match(rules, netinfo.reached_address(host), port) if rules else None
         return f"denied by rule '{rule}'" if rule is not None and not rule.allow else None
 
-    async def open_connection(self, protocol: asyncio.Protocol, family: int, host: str, port: int) -> asyncio.Transport:
-        """A TCP connection to an IP address, read by protocol: uvloop's transport, or on the stock
-        loop one of stockloop's (asyncio's own are much dearer per connection)."""
+    def open_connection(self, protocol: asyncio.Protocol, family: int, host: str, port: int) -> Connecting:
+        """A TCP connection to an IP address, read by protocol, to await: (transport, protocol), with
+        uvloop's transport, or on the stock loop one of stockloop's (asyncio's own cost much more)."""
         local = self.source_address(family)
-        if stockloop.is_stock(self.loop):
-            return await stockloop.open_connection(self.loop, protocol, family, host, port, local)
-        transport, _ = await self.loop.create_connection(lambda: protocol, host, port, family=family, local_addr=local)
-        return transport  # type: ignore[return-value]
+        if self.stock_loop:
+            return stockloop.open_connection(self.loop, protocol, family, host, port, local)
+        return self.loop.create_connection(lambda: protocol, host, port, family=family, local_addr=local)
 
     def source_address(self, family: int) -> tuple[str, int] | None:
         source = self.settings.bind_address

@@ -266,13 +266,13 @@ class Session(asyncio.Protocol):
                 error = ProtocolError(f"destination {_endpoint(sockaddr)} {refused}", ReplyCode.NOT_ALLOWED)
                 continue
             try:
-                transport = await server.open_connection(upstream, family, host, port)
+                transport, _ = await server.open_connection(upstream, family, host, port)
             except OSError as e:
                 error = e
                 continue
             if request.address_type == socks5.AddressType.DOMAIN:
                 self.reached = host
-            self.succeed(transport, upstream)
+            self.succeed(transport, upstream)  # type: ignore[arg-type]
             return
         raise error or OSError("no address to connect to")
 

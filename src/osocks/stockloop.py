@@ -279,9 +279,10 @@ async def open_connection(
     host: str,
     port: int,
     local_addr: tuple[str, int] | None = None,
-) -> Transport:
-    """Connect to (host, port), an IP address; the Transport's protocol has had connection_made,
-    and reads once it is asked to (resume_reading).  OSError if the connection fails."""
+) -> tuple[Transport, asyncio.Protocol]:
+    """Connect to (host, port), an IP address: (transport, protocol), as create_connection answers;
+    protocol has had connection_made, and reads once asked to (resume_reading).  OSError if the
+    connection fails."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         _tcp_socket(sock)
@@ -301,7 +302,7 @@ async def open_connection(
         raise
     transport = Transport(loop, sock, protocol)
     protocol.connection_made(transport)
-    return transport
+    return transport, protocol
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
