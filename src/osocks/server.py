@@ -155,6 +155,7 @@ class Server:
         self._starved_warned = -STARVED_WARN_EVERY
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.stock_loop = False  # asyncio's own loop, not uvloop: stockloop's transports (set by start())
+        self.poller: stockloop.Poller = None  # type: ignore[assignment]  # their epoll set, on the stock loop
         self.closed = asyncio.Event()
         self._session_numbers = itertools.count(1)
         self._pid = os.getpid()  # a worker builds its Server after the fork
@@ -164,6 +165,8 @@ class Server:
     async def start(self, interface_addresses: dict[str, list[str]] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.stock_loop = stockloop.is_stock(self.loop)
+        if self.stock_loop:
+            self.poller = stockloop.Poller(self.loop)
         await self._open_listeners(self.settings, interface_addresses or {})
         self._tick()
 
@@ -190,7 +193,7 @@ class Server:
                     sock = listening_socket(address, settings, wanted, self.reuse_port)
                     sock.on_starved = self.starved
                     if stockloop.is_stock(loop):
-                        opened[address] = stockloop.Listener(loop, sock, lambda: Session(self), BACKLOG)
+                        opened[address] = stockloop.Listener(self.poller, sock, lambda: Session(self), BACKLOG)
                     else:
                         opened[address] = await loop.create_server(lambda: Session(self), sock=sock, backlog=BACKLOG)
         except BaseException:
@@ -325,7 +328,7 @@ class Server:
         uvloop's transport, or on the stock loop one of stockloop's (asyncio's own cost much more)."""
         local = self.source_address(family)
         if self.stock_loop:
-            return stockloop.open_connection(self.loop, protocol, family, host, port, local)
+            return stockloop.open_connection(self.poller, protocol, family, host, port, local)
         return self.loop.create_connection(lambda: protocol, host, port, family=family, local_addr=local)
 
     def source_address(self, family: int) -> tuple[str, int] | None:
@@ -442,6 +445,8 @@ class Server:
             self._ticker.cancel()
         for session in list(self.live):
             session.abort("server shutting down")
+        if self.poller is not None:
+            self.poller.close()
         self.closed.set()
 
 

@@ -1,12 +1,17 @@
 """TCP on asyncio's own event loop, without its transports: listeners, outgoing connections
-and one lean transport over `add_reader`/`add_writer`.
+and one lean transport, its sockets watched by an epoll set of osocks' own (a Poller).
 
 asyncio's selector transports are general (SSL, buffered protocols, sendfile; a task and
-futures to set up each connection) and pure Python; on a router without uvloop they are
-most of what a short session costs.  The protocols (session, relay) are the same on both
-loops: this transport does what they use of `asyncio.Transport`, with its semantics
-(`connection_lost` is called soon, not from within `close`/`abort`; `pause_writing` above
-64 KiB buffered, `resume_writing` at 16 KiB).  uvloop keeps its own transports.
+futures to set up each connection) and pure Python, and so is its loop's way to wait for a
+socket (a selector key and a Handle for each `add_reader`, Python bookkeeping for each event);
+on a router without uvloop that is most of what a short session costs.  Here the loop watches
+one descriptor, the Poller's epoll set; when it is readable the Poller calls the transports
+whose sockets are ready, straight from the epoll events.
+
+The protocols (session, relay) are the same on both loops: this transport does what they use
+of `asyncio.Transport`, with its semantics (`connection_lost` is called soon, not from within
+`close`/`abort`; `pause_writing` above 64 KiB buffered, `resume_writing` at 16 KiB).  uvloop
+keeps its own transports.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import select
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +32,48 @@ ACCEPTS_PER_WAKEUP = 64
 OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 CONNECTING = {errno.EINPROGRESS, errno.EALREADY}
 CONNECTED = {0, errno.EISCONN}
+READABLE = select.EPOLLIN
+WRITABLE = select.EPOLLOUT
+EVENTS_PER_TURN = 256  # epoll events handled per turn of the loop; more wait for the next turn
+
+
+class Poller:
+    """An epoll set of transports, polled whenever asyncio's loop finds it readable."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.epoll = select.epoll()
+        self.transports: dict[int, Transport] = {}  # by fd
+        loop.add_reader(self.epoll.fileno(), self._dispatch)
+
+    def watch(self, transport: Transport, events: int) -> None:
+        """Wait for these events (READABLE | WRITABLE, or 0: none) on the transport's socket."""
+        fd = transport._fd
+        if not transport._events:
+            self.epoll.register(fd, events)
+            self.transports[fd] = transport
+        elif events:
+            self.epoll.modify(fd, events)
+        else:
+            self.epoll.unregister(fd)
+            del self.transports[fd]
+        transport._events = events
+
+    def _dispatch(self) -> None:
+        transports = self.transports
+        for fd, events in self.epoll.poll(0, EVENTS_PER_TURN):
+            transport = transports.get(fd)
+            if transport is None:  # stopped watching since
+                continue
+            if events & ~WRITABLE and transport._events & READABLE:  # readable, hung up or failed
+                transport._read_ready()
+            if events & ~READABLE and transport._events & WRITABLE:
+                transport._write_ready()
+
+    def close(self) -> None:
+        if not self.epoll.closed:
+            self.loop.remove_reader(self.epoll.fileno())
+            self.epoll.close()
 
 
 def is_stock(loop: asyncio.AbstractEventLoop) -> bool:
@@ -36,6 +84,8 @@ def is_stock(loop: asyncio.AbstractEventLoop) -> bool:
 class Transport(asyncio.Transport):
     __slots__ = (
         "_loop",
+        "_poller",
+        "_events",
         "_sock",
         "_fd",
         "_protocol",
@@ -49,10 +99,10 @@ class Transport(asyncio.Transport):
         "_write_paused",
     )
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: asyncio.Protocol, peername: Any = None
-    ) -> None:
-        self._loop = loop
+    def __init__(self, poller: Poller, sock: socket.socket, protocol: asyncio.Protocol, peername: Any = None) -> None:
+        self._loop = poller.loop
+        self._poller = poller
+        self._events = 0  # what the poller waits for on this socket
         self._sock = sock
         self._fd = sock.fileno()
         self._protocol = protocol
@@ -86,12 +136,12 @@ class Transport(asyncio.Transport):
     def pause_reading(self) -> None:
         if self._reading:
             self._reading = False
-            self._loop.remove_reader(self._fd)
+            self._poller.watch(self, self._events & ~READABLE)
 
     def resume_reading(self) -> None:
         if not (self._reading or self._closing or self._read_eof):
             self._reading = True
-            self._loop.add_reader(self._fd, self._read_ready)
+            self._poller.watch(self, self._events | READABLE)
 
     def is_reading(self) -> bool:
         return self._reading
@@ -112,7 +162,7 @@ class Transport(asyncio.Transport):
             if sent == len(data):
                 return
             data = memoryview(data)[sent:]
-            self._loop.add_writer(self._fd, self._write_ready)
+            self._poller.watch(self, self._events | WRITABLE)
         self._buffer += data
         if not self._write_paused and len(self._buffer) > HIGH_WATER:
             self._write_paused = True
@@ -132,7 +182,7 @@ class Transport(asyncio.Transport):
             self._protocol.resume_writing()
         if self._buffer:
             return
-        self._loop.remove_writer(self._fd)
+        self._poller.watch(self, self._events & ~WRITABLE)
         if self._closing:
             self._connection_lost_soon(None)
         elif self._eof_asked:
@@ -174,11 +224,11 @@ class Transport(asyncio.Transport):
     def _force_close(self, error: Exception | None) -> None:
         if self._lost:
             return
-        if self._buffer:
-            self._buffer.clear()
-            self._loop.remove_writer(self._fd)
+        self._buffer.clear()
         self._closing = True
-        self.pause_reading()
+        self._reading = False
+        if self._events:
+            self._poller.watch(self, 0)
         self._connection_lost_soon(error)
 
     def _connection_lost_soon(self, error: Exception | None) -> None:
@@ -226,13 +276,10 @@ class Listener:
     reading at once.  What `create_server` returns, as far as the server uses it."""
 
     def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        protocol_factory: Callable[[], asyncio.Protocol],
-        backlog: int,
+        self, poller: Poller, sock: socket.socket, protocol_factory: Callable[[], asyncio.Protocol], backlog: int
     ) -> None:
-        self.loop = loop
+        self.poller = poller
+        self.loop = loop = poller.loop
         self.sockets = [sock]
         self.protocol_factory = protocol_factory
         self._retry: asyncio.TimerHandle | None = None
@@ -254,7 +301,7 @@ class Listener:
                 raise
             _tcp_socket(sock)
             protocol = self.protocol_factory()
-            transport = Transport(self.loop, sock, protocol, peername)
+            transport = Transport(self.poller, sock, protocol, peername)
             protocol.connection_made(transport)
             transport.resume_reading()
 
@@ -273,7 +320,7 @@ class Listener:
 
 
 async def open_connection(
-    loop: asyncio.AbstractEventLoop,
+    poller: Poller,
     protocol: asyncio.Protocol,
     family: int,
     host: str,
@@ -293,14 +340,14 @@ async def open_connection(
         if error in CONNECTING:
             error = sock.connect_ex(address)  # on loopback the handshake is often over already
             if error in CONNECTING:
-                await _writable(loop, sock)
+                await _writable(poller.loop, sock)
                 error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error not in CONNECTED:
             raise OSError(error, os.strerror(error))
     except BaseException:
         sock.close()
         raise
-    transport = Transport(loop, sock, protocol)
+    transport = Transport(poller, sock, protocol)
     protocol.connection_made(transport)
     return transport, protocol
 
