@@ -287,9 +287,9 @@ def free_port() -> int:
 
 
 class OsocksProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, python: str = sys.executable) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "osocks", "--no-uci", *args],
+            [python, "-m", "osocks", "--no-uci", *args],
             stderr=subprocess.PIPE,
             text=True,
             env=env,

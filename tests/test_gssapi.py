@@ -417,9 +417,7 @@ def test_no_ticket_fails_in_the_client_and_the_server_serves_the_next(
     works(osocks.port, echo)
 
 
-def test_an_expired_ticket_is_refused(
-    gss_server: Callable[..., ServerThread], echo: EchoServer, realm: Realm
-) -> None:
+def test_an_expired_ticket_is_refused(gss_server: Callable[..., ServerThread], echo: EchoServer, realm: Realm) -> None:
     osocks = gss_server()
     ccache = ccache_of(realm, "alice", lifetime="2s")
     lifetime = gssapi.Credentials(usage="initiate", store={"ccache": f"FILE:{ccache}"}).lifetime
@@ -521,9 +519,7 @@ def test_malformed_frames_are_refused(
     works(osocks.port, echo)
 
 
-def test_a_token_longer_than_what_comes_times_out(
-    gss_server: Callable[..., ServerThread], echo: EchoServer
-) -> None:
+def test_a_token_longer_than_what_comes_times_out(gss_server: Callable[..., ServerThread], echo: EchoServer) -> None:
     osocks = gss_server(handshake_timeout=0.5)
     client = GssClient(osocks.port)
     token = client.first_token()
@@ -535,9 +531,7 @@ def test_a_token_longer_than_what_comes_times_out(
     works(osocks.port, echo)
 
 
-def test_a_client_that_gives_up_or_closes_mid_token(
-    gss_server: Callable[..., ServerThread], echo: EchoServer
-) -> None:
+def test_a_client_that_gives_up_or_closes_mid_token(gss_server: Callable[..., ServerThread], echo: EchoServer) -> None:
     osocks = gss_server()
     client = GssClient(osocks.port)
     assert client.greet() == Method.GSSAPI
@@ -573,9 +567,7 @@ def test_a_tampered_message_closes_the_session(
     works(osocks.port, echo, level=level)
 
 
-def test_a_plain_request_after_protection_is_refused(
-    gss_server: Callable[..., ServerThread], echo: EchoServer
-) -> None:
+def test_a_plain_request_after_protection_is_refused(gss_server: Callable[..., ServerThread], echo: EchoServer) -> None:
     osocks = gss_server()
     client = GssClient(osocks.port)
     assert client.login(2) == 2
@@ -616,7 +608,15 @@ def test_the_real_process_serves_gssapi(
     run_osocks: Callable[..., OsocksProcess], echo: EchoServer, realm: Realm, workers: str
 ) -> None:
     server = run_osocks(
-        "-l", "127.0.0.1", "-p", "0", "--allow-local", "-w", workers, "--gssapi-keytab", str(realm.keytab),
+        "-l",
+        "127.0.0.1",
+        "-p",
+        "0",
+        "--allow-local",
+        "-w",
+        workers,
+        "--gssapi-keytab",
+        str(realm.keytab),
         env=dict(os.environ),
     )
     for level in (0, 2, 1):

@@ -6,7 +6,6 @@ tests/test_openwrt_stdlib.py; this one needs no process and names the missing pa
 
 from __future__ import annotations
 
-import glob
 import re
 import shutil
 import subprocess
@@ -24,24 +23,10 @@ RELEASES = split.releases()
 SOURCES = ROOT / "src" / "osocks"
 
 
-def find_python(version: str) -> str | None:
-    """An interpreter of this version: the running one, pythonX.Y on PATH, or one pyenv installed."""
-    if f"{sys.version_info[0]}.{sys.version_info[1]}" == version:
-        return sys.executable
-    candidates = [
-        shutil.which(f"python{version}"),
-        *sorted(glob.glob(f"/root/.pyenv/versions/{version}.*/bin/python{version}")),
-    ]
-    for candidate in candidates:
-        if candidate and subprocess.run([candidate, "-c", ""], capture_output=True, timeout=30).returncode == 0:
-            return candidate
-    return None
-
-
 @cache
 def stdlib_of(version: str) -> tuple[Stdlib | ForeignStdlib, str]:
     """The sources of Python `version` when it is here, else those of the running Python (and a note)."""
-    python = find_python(version)
+    python = split.find_python(version)
     if python == sys.executable:
         return Stdlib.running(), ""
     if python is None:  # this Python's sources, but what needs a C module from some version on as `version`
@@ -200,7 +185,7 @@ def test_uses_needing_match_the_pythons_here(attribute: tuple[str, str], fact: t
     probe = f"import sys; sys.modules[{backend!r}] = None; import {module}; print(hasattr({module}, {name!r}))"
     checked = 0
     for release in RELEASES.values():
-        python = find_python(release.python)
+        python = split.find_python(release.python)
         if python is None:
             continue
         result = subprocess.run([python, "-W", "ignore", "-c", probe], capture_output=True, text=True, timeout=30)

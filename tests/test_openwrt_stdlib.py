@@ -39,23 +39,29 @@ OLD_RECIPES = {  # DEPENDS of both recipes before python3-codecs (and python3-lo
 
 
 class Guarded:
-    """Runs osocks and python3 with only what `packages` install; collects what the guard refused."""
+    """Runs osocks and python3 with only what `packages` install on `release`; collects what the guard refused."""
 
-    def __init__(self, packages: set[str], tmp: Path) -> None:
-        assert RELEASE is not None
+    def __init__(self, packages: set[str], tmp: Path, release: split.Release | None = None, python: str = "") -> None:
+        release = release or RELEASE
+        assert release is not None
+        self.release = release
         self.packages = packages
+        self.python_bin = python or sys.executable
         self.log = tmp / "refused.log"
-        self.env = split.guard_env(packages, RELEASE, self.log)
+        env = dict(os.environ)
+        if self.python_bin != sys.executable:  # another Python: osocks from the checkout
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH", "")) if p)
+        self.env = split.guard_env(packages, release, self.log, env)
         self.started: list[OsocksProcess] = []
 
     def osocks(self, *args: str) -> OsocksProcess:
-        process = OsocksProcess(*args, env=self.env)
+        process = OsocksProcess(*args, env=self.env, python=self.python_bin)
         self.started.append(process)
         return process
 
     def python(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, *args], input=stdin, capture_output=True, text=True, env=self.env, cwd=ROOT, timeout=60
+            [self.python_bin, *args], input=stdin, capture_output=True, text=True, env=self.env, cwd=ROOT, timeout=60
         )
 
     def refused(self) -> list[str]:
@@ -66,19 +72,35 @@ class Guarded:
             process.stop()
 
 
-def routers() -> dict[str, set[str]]:
+def routers() -> dict[str, tuple[split.Release, str, set[str]]]:
     """What installing osocks from this feed puts on the router, computed from the Makefiles: built with
-    python3-uvloop (OSOCKS_UVLOOP=y, the default) and without it."""
-    assert RELEASE is not None
-    return {"uvloop": split.installed(RELEASE), "stock-loop": split.installed(RELEASE, ())}
+    python3-uvloop (OSOCKS_UVLOOP=y, the default) and without it; for each release whose Python is
+    here (the one running the tests, and another found on this machine, with osocks from the
+    checkout and uvloop only where that Python has it)."""
+    found = {}
+    for release in split.releases().values():
+        python = split.find_python(release.python)
+        if python is None:
+            continue
+        has_uvloop = python == sys.executable or has_module(python, "uvloop")
+        for name, conditions in (("uvloop", split.DEFAULT_CONFIG), ("stock-loop", ())):
+            if conditions and not has_uvloop:
+                continue
+            found[f"{release.name}-{name}"] = (release, python, split.installed(release, conditions))
+    return found
 
 
-ROUTERS = routers() if RELEASE is not None else {}
+def has_module(python: str, module: str) -> bool:
+    return subprocess.run([python, "-c", f"import {module}"], capture_output=True, timeout=30).returncode == 0
+
+
+ROUTERS = routers()
 
 
 @pytest.fixture(params=sorted(ROUTERS))
 def router(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Guarded]:
-    guarded = Guarded(ROUTERS[request.param], tmp_path)
+    release, python, packages = ROUTERS[request.param]
+    guarded = Guarded(packages, tmp_path, release, python)
     yield guarded
     guarded.stop()
 

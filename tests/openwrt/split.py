@@ -157,3 +157,19 @@ def guard_env(
     if log is not None:
         env["OPENWRT_GUARD_LOG"] = str(log)
     return env
+
+
+def find_python(version: str) -> str | None:
+    """An interpreter of Python `version` here: the running one, pythonX.Y on PATH, or one pyenv installed."""
+    import glob  # here, not above: the guard loads this module into the processes it guards
+    import shutil
+    import subprocess
+
+    if f"{sys.version_info[0]}.{sys.version_info[1]}" == version:
+        return sys.executable
+    pyenv = Path.home() / ".pyenv" / "versions"
+    candidates = [shutil.which(f"python{version}"), *sorted(glob.glob(f"{pyenv}/{version}.*/bin/python{version}"))]
+    for candidate in candidates:
+        if candidate and subprocess.run([candidate, "-c", ""], capture_output=True, timeout=30).returncode == 0:
+            return candidate
+    return None
