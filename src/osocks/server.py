@@ -151,6 +151,7 @@ class Server:
         self.interface_addresses: dict[str, list[str]] = {}  # OpenWrt interface → its addresses
         self._ticker: asyncio.TimerHandle | None = None
         self.fd_limit = fd_limit()
+        self.fds_checked_from = _fds_checked_from(self.fd_limit)  # live sessions from which admit() looks
         self._starved = 0  # connections refused for want of descriptors since the last warning
         self._starved_warned = -STARVED_WARN_EVERY
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
@@ -229,7 +230,7 @@ class Server:
             counters.refused += 1
             log.warning("client %s refused: %d sessions live (limit)", _endpoint(session.client), len(self.live))
             return False
-        if len(self.live) >= (self.fd_limit - FD_GATE) // FDS_PER_SESSION and self._few_fds_left(session):
+        if len(self.live) >= self.fds_checked_from and self._few_fds_left(session):
             self.starved()
             return False
         self.live.add(session)
@@ -343,6 +344,7 @@ class Server:
     def _tick(self) -> None:
         now = time.monotonic()
         self.fd_limit = fd_limit()  # prlimit(1) may change it from outside
+        self.fds_checked_from = _fds_checked_from(self.fd_limit)
         if self._starved and now - self._starved_warned >= STARVED_WARN_EVERY:
             self._warn_starved()
         newest = last = self.settings
@@ -477,6 +479,10 @@ STARVED_WARN_EVERY = 5.0  # seconds
 
 def fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _fds_checked_from(limit: int) -> int:
+    return (limit - FD_GATE) // FDS_PER_SESSION
 
 
 def raise_fd_limit() -> None:
