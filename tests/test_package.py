@@ -309,7 +309,7 @@ def busybox_path(bin_dir: Path, hide_ubus: bool) -> str:
 
 
 def run_test_sh(
-    tmp_path: Path, *args: str, hide_ubus: bool = False, with_uvloop: bool = False
+    tmp_path: Path, *args: str, hide_ubus: bool = False, with_uvloop: bool = False, prefix: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     """test.sh as the packages-feed CI runs it on the router: busybox sh with only busybox's applets,
     and python3 with only the standard library the package's DEPENDS install (tests/openwrt/guard),
@@ -320,7 +320,23 @@ def run_test_sh(
         packages = split.installed(release, split.DEFAULT_CONFIG if with_uvloop else ())
         env = split.guard_env(packages, release, tmp_path / "refused.log", env)
     busybox = shutil.which("busybox") or "busybox"
-    return subprocess.run([busybox, "sh", str(TEST_SH), *args], capture_output=True, text=True, env=env, timeout=120)
+    argv = [*prefix, busybox, "sh", str(TEST_SH), *args]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+
+
+UBUS_RUN_DIR = Path("/var/run/ubus")  # where test.sh starts its ubusd (libubus' default socket)
+
+
+def private_ubus_run_dir() -> tuple[str, ...]:
+    """A prefix that runs a command in a mount namespace of its own with an empty UBUS_RUN_DIR:
+    the ubusd it starts is seen by no other process (a ubusd or an osocks of this host); () when
+    that needs root or util-linux's unshare that are not here."""
+    unshare, mount = shutil.which("unshare"), shutil.which("mount")
+    if os.geteuid() != 0 or unshare is None or mount is None:
+        return ()
+    UBUS_RUN_DIR.mkdir(parents=True, exist_ok=True)
+    script = f'{mount} -t tmpfs osocks-test "{UBUS_RUN_DIR}" && exec "$@"'
+    return (unshare, "--mount", "--propagation", "private", "sh", "-c", script, "sh")
 
 
 @pytest.mark.parametrize("with_uvloop", [False, True], ids=["as-depends", "with-python3-uvloop"])
@@ -356,14 +372,16 @@ def test_test_sh_with_ubus(tmp_path: Path) -> None:
         pytest.skip("ubus is not installed (OpenWrt only)")
     if importlib.util.find_spec("ubus") is None:
         pytest.skip("python-ubus is not installed (OpenWrt only): osocks could not publish its status")
-    if subprocess.run(["ubus", "list"], capture_output=True, timeout=10).returncode == 0:
-        pytest.skip("a ubusd is already running: its osocks object may belong to another process")
-    deadline = time.monotonic() + 5  # an osocks of an earlier test may still be exiting
-    while other_osocks() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if other_osocks():
-        pytest.skip("another osocks is running: it would register on the ubusd test.sh starts")
-    result = run_test_sh(tmp_path, "osocks", osocks.__version__)
+    private = private_ubus_run_dir()
+    if not private:  # then test.sh's ubusd is this host's: no other may run, and no other osocks
+        if subprocess.run(["ubus", "list"], capture_output=True, timeout=10).returncode == 0:
+            pytest.skip("a ubusd is already running: its osocks object may belong to another process")
+        deadline = time.monotonic() + 5  # an osocks of an earlier test may still be exiting
+        while other_osocks() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if other_osocks():
+            pytest.skip("another osocks is running: it would register on the ubusd test.sh starts")
+    result = run_test_sh(tmp_path, "osocks", osocks.__version__, prefix=private)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "== ubus call osocks status" in result.stdout and "carol logs in" in result.stdout
     assert result.stdout.rstrip().endswith("PASS")
