@@ -163,6 +163,12 @@ def test_disconnect_a_live_session(tmp_path: Path, ubusd: str, echo: EchoServer,
     (confdir / "osocks").write_text(CONFIG.format(port=port, max_sessions=5) + f"\toption workers '{workers}'\n")
     server = Osocks(confdir, ubusd)
     try:
+        deadline = time.monotonic() + 10  # a master is on ubus before its workers listen
+        while (probe := socket.socket()).connect_ex(("127.0.0.1", port)) != 0:
+            probe.close()
+            assert time.monotonic() < deadline, "the workers did not listen"
+            time.sleep(0.05)
+        probe.close()
         kept, _, _, _ = socks_connect(port, "127.0.0.1", echo.port)
         closed, _, _, _ = socks_connect(port, "127.0.0.1", echo.port)
         for sock in (kept, closed):
