@@ -62,7 +62,7 @@ def test_running_out_of_fds_is_counted_and_warned_every_few_seconds(loop: str, r
 
 def test_the_soft_limit_is_raised_to_the_hard_one(run_osocks) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    low = min(soft, hard, 256)
+    low = min(soft, hard, 1024)
     resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))  # inherited by the osocks started now
     try:
         server = run_osocks("-l", "127.0.0.1", "-p", "0", "-v")
