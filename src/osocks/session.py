@@ -35,7 +35,7 @@ class Session(asyncio.Protocol):
         "transport",
         "state",
         "buffer",
-        "client",
+        "_client",
         "target",
         "started",
         "active",
@@ -59,7 +59,7 @@ class Session(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.state = GREETING
         self.buffer = b""
-        self.client: tuple = ("?", 0)
+        self._client: tuple | None = None  # the client's address, asked for when first needed
         self.target = ""
         self.started = self.active = time.monotonic()
         self.seen_bytes = 0
@@ -75,11 +75,19 @@ class Session(asyncio.Protocol):
         self.id = ""  # given by the server when it admits the session
         self.reached = ""  # the address a name led to (CONNECT), or BIND's peer: for the log
 
+    @property
+    def client(self) -> tuple:
+        """The client's address: asked of the transport only when something needs it (rules, the
+        log, status), which saves a getpeername(2) per session where nothing does."""
+        if self._client is None:
+            peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+            self._client = peer or ("?", 0)
+        return self._client
+
     # -- handshake ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.client = transport.get_extra_info("peername") or ("?", 0)
         if not self.server.admit(self):
             self.state = CLOSED
             self.transport.abort()
