@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import socks5, tasks
-from .gss import Channel
 from .netinfo import plain_address as _plain
 from .socks5 import AddressType, ProtocolError
 
@@ -119,6 +118,8 @@ class Association:
         self.up = self.down = 0
         self.closed = False
         self.tasks: set[asyncio.Task[None]] = set()  # name lookups and outbound sockets being opened
+        from .gss import Channel  # here, not at import: 0.2 MB that a server without UDP clients need not hold
+
         transport = session.transport
         self.protect = transport if isinstance(transport, Channel) else None  # GSSAPI per-message protection
 
