@@ -99,6 +99,25 @@ const STEPS = {
 		};
 	},
 
+	/* a value typed into a list (client_rule, anonymous, ...): refused in the browser, or taken */
+	async list_entry(page, args) {
+		await openSettings(page, args.tab);
+		const list = page.locator(field(args.option));
+		const input = list.locator('.add-item input[type="text"]');
+		await input.fill(args.value);
+		await input.blur();
+		const invalid = await input.evaluate(el => el.classList.contains('cbi-input-invalid'));
+		await list.locator('.cbi-button-add').click();
+
+		if (args.screenshot)
+			await page.screenshot({ path: args.screenshot, fullPage: true });
+
+		return {
+			invalid: invalid,
+			items: await list.locator('.item').evaluateAll(items => items.map(i => i.querySelector('input[type="hidden"]').value))
+		};
+	},
+
 	async set_listen(page, args) {
 		await openSettings(page, 'general');
 		const list = page.locator(`${field('listen')}`);
@@ -140,9 +159,10 @@ const STEPS = {
 
 	async screenshot_settings(page, args) {
 		await openSettings(page, args.tab || 'general');
-		await page.screenshot({ path: args.path, fullPage: true });
+		if (args.path)
+			await page.screenshot({ path: args.path, fullPage: true });
 
-		return {};
+		return { title: await page.locator('h2').first().innerText() };
 	},
 
 	async sessions(page, args) {

@@ -271,6 +271,17 @@ def test_settings_users_and_status_in_a_browser(router: tuple[Router, int], http
     assert r.uci("get", "osocks.main.port") == str(new_port) and r.uci("changes", "osocks") == ""
     assert r.ubus("osocks", "status")["listeners"] == [f"127.0.0.1:{new_port}"]
 
+    # the rule syntax and networks are checked as osocks checks them (the CI test compares the two)
+    for tab, option, value, ok in (
+        ("access", "client_rule", "permit all", False),
+        ("access", "client_rule", "deny all port 70000", False),
+        ("access", "dest_rule", "deny 10.0.0.0/8,fd00::/8 port 1-1023,3306", True),
+        ("users", "anonymous", "192.168.1.0/33", False),
+        ("users", "anonymous", "192.168.1.0/24 fd00::/8", True),
+    ):
+        typed = browser(r, "list_entry", tab=tab, option=option, value=value)
+        assert typed == {"invalid": not ok, "items": [value] if ok else []}, (option, value)
+
     # a port osocks cannot take: saved, but osocks refuses it and the page says why
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -307,7 +318,7 @@ def test_settings_users_and_status_in_a_browser(router: tuple[Router, int], http
     assert r.ubus("osocks", "sessions")["sessions"] == []
     assert "Live sessions" in browser(r, "overview")["text"]
 
-    browser(r, "screenshot_settings", path=screenshot("luci-settings.png") or os.devnull)
+    assert browser(r, "screenshot_settings", path=screenshot("luci-settings.png")) == {"title": "osocks SOCKS5 server"}
 
 
 def test_workers_on_the_status_page(tmp_path: Path, http_server: HttpServer) -> None:
