@@ -382,8 +382,8 @@ def test_client_rule_flag(run_osocks) -> None:
 def test_qq_leaves_errors_only(run_osocks, echo: EchoServer, flag: str, warned: bool) -> None:
     server = run_osocks("-l", "127.0.0.1", "-p", str(free_port()), "--allow-local", "-n", "1", flag)
     deadline = time.monotonic() + 10
-    while status_line(server)["sessions"]["live"]:  # the start-up probe's connection must be gone (-n 1)
-        assert time.monotonic() < deadline
+    while (status := status_line(server)["sessions"])["live"] or not status["total"]:
+        assert time.monotonic() < deadline  # the start-up probe's connection accepted, and gone (-n 1)
     held, code, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)
     assert code == ReplyCode.SUCCEEDED
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as extra:  # over -n: refused, a warning
