@@ -48,7 +48,10 @@ def ubusd(tmp_path: Path):
     path = str(tmp_path / "ubus.sock")
     process = subprocess.Popen([shutil.which("ubusd"), "-s", path])  # type: ignore[list-item]
     deadline = time.monotonic() + 5
-    while not Path(path).exists() and time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # the socket file exists from bind(), before ubusd listens
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(path) == 0:
+                break
         time.sleep(0.02)
     yield path
     process.terminate()

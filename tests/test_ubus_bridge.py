@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,11 @@ def _need_ubus() -> None:
         pytest.skip("python-ubus not installed (OpenWrt only): `pip install ubus` needs libubus")
 
 
+def _accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        return probe.connect_ex(path) == 0
+
+
 @pytest.fixture
 def sock() -> Iterator[str]:
     """A private ubusd; its socket path."""
@@ -102,7 +108,7 @@ def sock() -> Iterator[str]:
     daemon = subprocess.Popen(["ubusd", "-s", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 5
-        while not os.path.exists(path):
+        while not _accepts(path):  # the socket file exists from bind(), before ubusd listens
             assert daemon.poll() is None and time.monotonic() < deadline, "ubusd did not start"
             time.sleep(0.02)
         yield path
