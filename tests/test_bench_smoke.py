@@ -72,6 +72,20 @@ def test_smoke_run_measures_osocks(tmp_path: Path) -> None:
         assert measured["bulk"]["spliced"] >= measured["bulk"]["downloads"]  # each download's body went by splice
 
 
+def test_a_corrupted_download_is_an_error() -> None:
+    """A server that changes one byte past the first MiB: the same length, another sha256."""
+    corrupting = f"corrupting={sys.executable} {REPO / 'tests' / 'corrupting_socks.py'} {{port}}"
+    finished = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--smoke", "--servers", "", "--only", "a", "--server", corrupting],
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT,
+    )
+    assert finished.returncode == 1, finished.stdout + finished.stderr[-3000:]
+    cell = table_column(finished.stdout, "corrupting")["bulk MB/s"]
+    assert cell.startswith("error: download of /") and "sha256 differs" in cell
+
+
 def test_relay_design_comparison_runs() -> None:
     finished = subprocess.run(
         [sys.executable, str(REPO / "bench" / "relay_designs.py"), "--smoke"],
