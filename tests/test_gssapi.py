@@ -309,13 +309,14 @@ def test_a_level_below_the_minimum_or_unknown_is_refused(
     works(osocks.port, echo, level=1)
 
 
-def test_udp_datagrams_are_wrapped(gss_server: Callable[..., ServerThread]) -> None:
+@pytest.mark.parametrize("level", [1, 2])
+def test_udp_datagrams_are_wrapped(gss_server: Callable[..., ServerThread], level: int) -> None:
     osocks = gss_server()
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind(("127.0.0.1", 0))
     peer.settimeout(10)
     client = GssClient(osocks.port)
-    assert client.login(2) == 2
+    assert client.login(level) == level
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", 0))
     udp.settimeout(10)
@@ -326,12 +327,13 @@ def test_udp_datagrams_are_wrapped(gss_server: Callable[..., ServerThread]) -> N
     udp.sendto(client.seal(header + b"question"), (host, port))
     data, source = peer.recvfrom(65536)
     assert data == b"question"
+    peer.sendto(os.urandom(65507), source)  # too large to wrap into one datagram: dropped
     peer.sendto(b"answer", source)
     wrapped, _ = udp.recvfrom(65536)
     parsed = socks5.parse_gss_frame(wrapped)
     assert parsed is not None and parsed[0].kind == GssMessage.ENCAPSULATED
     result = client.context.unwrap(parsed[0].token)
-    assert result.encrypted
+    assert result.encrypted == (level == 2)
     header_back = socks5.parse_udp_header(result.message)
     assert header_back is not None
     assert result.message[header_back[1] :] == b"answer"
