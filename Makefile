@@ -18,11 +18,11 @@ PKG_LICENSE:=MIT
 include $(TOPDIR)/feeds/packages/lang/python/python3-version.mk
 PKG_BUILD_DEPENDS:=$(if $(PYTHON3_SETUPTOOLS_VERSION),,python-setuptools/host)
 
-include $(INCLUDE_DIR)/package.mk
-include $(TOPDIR)/feeds/packages/lang/python/python3-package.mk
-
 # python3-uvloop only with OSOCKS_UVLOOP (default y), as it is not in the packages feed
 PKG_CONFIG_DEPENDS:=CONFIG_OSOCKS_UVLOOP
+
+include $(INCLUDE_DIR)/package.mk
+include $(TOPDIR)/feeds/packages/lang/python/python3-package.mk
 
 # DEPENDS: python3-codecs for the idna codec behind every name lookup, python3-openssl for
 # _hashlib (password hashes); tests/test_openwrt_imports.py holds the list against the imports

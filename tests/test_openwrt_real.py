@@ -165,6 +165,14 @@ def test_disconnect_a_live_session(tmp_path: Path, ubusd: str, echo: EchoServer,
     port = free_port()
     (confdir / "osocks").write_text(CONFIG.format(port=port, max_sessions=5) + f"\toption workers '{workers}'\n")
     server = Osocks(confdir, ubusd)
+    deadline = time.monotonic() + 10
+    while True:  # osocks registers on ubus before it listens
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            break
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline and server.proc.poll() is None
+            time.sleep(0.05)
     try:
         deadline = time.monotonic() + 10  # a master is on ubus before its workers listen
         while (probe := socket.socket()).connect_ex(("127.0.0.1", port)) != 0:
