@@ -245,3 +245,18 @@ def test_build_depends_name_host_packages_the_release_has(tmp_path: Path, name: 
     assert ("python-setuptools/host" in build_depends) == (not release.host_python_setuptools)
     if recipe == "python3-uvloop":
         assert "python-cython/host" in build_depends
+
+
+def test_feeds_readme_lists_what_gets_installed() -> None:
+    """feeds/README.md's table names every package that installing osocks pulls in, on both releases."""
+    text = (ROOT / "feeds" / "README.md").read_text()
+    section = text[text.index("## What gets installed") :]
+    section = section[: section.index("\n## ")]
+    rows = {m[1] for m in re.finditer(r"^\| ([a-z0-9][a-z0-9-]+) \|", section, re.M)} - {"package"}  # the header
+    also = section[section.index("Also installed") :]
+    for release in RELEASES.values():
+        installed = split.installed(release)
+        python = {p for p in installed if p.startswith(("python3-", "libpython3")) or p == "osocks"}
+        assert rows == python, f"OpenWrt {release.name}: the table has {sorted(rows)}, osocks pulls in {sorted(python)}"
+        missing = [p for p in installed - python if p not in also]
+        assert not missing, f"OpenWrt {release.name}: 'Also installed' misses {missing}"
