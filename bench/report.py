@@ -83,7 +83,21 @@ def _cell(outcome: Outcome | None, row: Row) -> str:
             return f"{outcome[row.figure]:.{row.decimals}f}"
 
 
-def markdown_table(results: Results) -> str:
+def _ratio_row(results: Results, reference: str) -> str:
+    """CPU per session of every server as a multiple of the reference server's, in this run."""
+    base = results.outcomes.get((reference, "sessions"))
+    cells = []
+    for server in results.servers:
+        outcome = results.outcomes.get((server, "sessions"))
+        if isinstance(base, dict) and isinstance(outcome, dict) and base["cpu_us_per_session"]:
+            cells.append(f"{outcome['cpu_us_per_session'] / base['cpu_us_per_session']:.2f}")
+        else:
+            cells.append("–")
+    return f"| CPU per session, × {reference} | " + " | ".join(cells) + " |"
+
+
+def markdown_table(results: Results, reference: str | None = None) -> str:
+    """The table; with a reference server, a row of CPU per session as multiples of its."""
     lines = [
         "| | " + " | ".join(results.servers) + " |",
         "|---|" + "---:|" * len(results.servers),
@@ -91,6 +105,8 @@ def markdown_table(results: Results) -> str:
     for row in ROWS:
         cells = [_cell(results.outcomes.get((server, row.scenario)), row) for server in results.servers]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+        if row.figure == "cpu_us_per_session" and reference is not None:
+            lines.append(_ratio_row(results, reference))
     return "\n".join(lines)
 
 

@@ -82,6 +82,11 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         type=_named_command,
         help="one more column NAME: the server started as COMMAND, {port} replaced by its port (repeatable)",
     )
+    parser.add_argument(
+        "--ratio-to",
+        metavar="NAME",
+        help="a row of CPU per session as multiples of server NAME's (a column of this run)",
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
     parser.add_argument(
         "--soak",
@@ -254,7 +259,7 @@ def main(argv: list[str]) -> int:
         if reason and scenario.letter in _split(arguments.only):
             _progress(f"note: scenario {scenario.letter} ({scenario.key}) skipped: {reason}")
     results = run(arguments)
-    print(markdown_table(results))
+    print(markdown_table(results, arguments.ratio_to))
     write_json(results, arguments.json)
     _progress(f"results written to {arguments.json}")
     failed = any(isinstance(outcome, Failed) for outcome in results.outcomes.values())

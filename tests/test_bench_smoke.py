@@ -152,3 +152,20 @@ def test_soak_failure_causes() -> None:
     assert soak._cause(ConnectionResetError(), 80.0, 90.0, [kill]) == "ConnectionResetError"  # no kill near
     assert soak._cause(soak.Corrupt("x"), 99.0, 101.0, [kill]) == "corrupted: x"  # never excused by a kill
     assert soak._cause(soak.Provoked(soak.PROVOKED[0]), 0.0, 1.0, []) == soak.PROVOKED[0]
+
+
+def test_session_rounds_on_both_loops_with_ratios(tmp_path: Path) -> None:
+    """(b) in rounds, each with the machine's other load; the stock-loop column; CPU as multiples of one column's."""
+    results = tmp_path / "results.json"
+    command = [sys.executable, str(BENCHMARK), "--smoke", "--only", "b", "--servers", "osocks,osocks-asyncio"]
+    command += ["--ratio-to", "osocks", "--json", str(results)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=SMOKE_TIMEOUT)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    for column in ("osocks", "osocks --loop asyncio"):
+        cells = table_column(finished.stdout, column)
+        assert NUMBER.fullmatch(cells["CPU per session, × osocks"]), cells
+        assert cells["rounds of (b): run"] == "1"
+        measured = json.loads(results.read_text())["servers"][column]
+        assert measured["sessions round 1"]["other_load_cores"] >= 0
+        assert measured["sessions"]["rounds_used"] == 1
+    assert table_column(finished.stdout, "osocks")["CPU per session, × osocks"] == "1.00"
