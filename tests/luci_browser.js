@@ -157,6 +157,29 @@ const STEPS = {
 		};
 	},
 
+	/* the Users tab: names, which secrets are in clear text, whether any secret is on the page; then remove some */
+	async users(page, args) {
+		await openSettings(page, 'users');
+		await page.locator('.osocks-user').first().waitFor();
+		const rows = () => page.locator('.osocks-user').evaluateAll(rs => rs.map(r => ({
+			name: r.getAttribute('data-user'), clear_text: r.querySelector('.label.warning') != null
+		})));
+		const shown = await rows();
+		const html = await page.content();
+
+		for (const name of args.remove || [])
+			await page.locator(`.osocks-user[data-user="${name}"] button[name="osocks-remove-user"]`).click();
+
+		if ((args.remove || []).length)
+			await saveApply(page);
+
+		return {
+			users: shown,
+			secrets_on_page: (args.secrets || []).filter(secret => html.indexOf(secret) >= 0),
+			after: await rows()
+		};
+	},
+
 	async screenshot_settings(page, args) {
 		await openSettings(page, args.tab || 'general');
 		if (args.path)

@@ -57,7 +57,10 @@ def _missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+pytestmark = [
+    pytest.mark.skipif(_missing() is not None, reason=str(_missing())),
+    pytest.mark.timeout(600),  # a browser step is a few seconds; the first test runs some twenty of them
+]
 
 CONFIG = """\
 config osocks 'main'
@@ -297,6 +300,14 @@ def test_settings_users_and_status_in_a_browser(router: tuple[Router, int], http
     assert added == {"users": ["alice"], "password_left_in_field": "", "page_has_password": False, "reload_error": None}
     stored = r.uci("get", "osocks.main.user")
     assert stored.startswith("alice:$pbkdf2-sha256$") and "Wonder" not in stored
+    # a user in clear text (written by hand): flagged, its secret never on the page, removed in the browser
+    r.run("uci", "add_list", "osocks.main.user=bob:Cl3ar-text-secret")
+    r.run("uci", "commit", "osocks")
+    listed = browser(r, "users", remove=["bob"], secrets=["Cl3ar-text-secret", stored.split(":", 1)[1]])
+    assert listed["users"] == [{"name": "alice", "clear_text": False}, {"name": "bob", "clear_text": True}]
+    assert listed["secrets_on_page"] == [] and listed["after"] == [{"name": "alice", "clear_text": False}]
+    assert r.uci("get", "osocks.main.user") == stored
+
     sock, answer_ = socks_login(new_port, None)
     assert answer_ == b"\x05\xff"  # login now required
     sock.close()

@@ -38,7 +38,7 @@ function isHashed(entry) {
  * (ubus hash_password) before it is put in the form: UCI never sees it. */
 const UserList = ui.AbstractElement.extend({
 	__init__(entries, options) {
-		this.entries = L.toArray(entries);
+		this.entries = L.toArray(entries).slice();  /* a copy: the form compares it with what UCI has */
 		this.options = options;
 	},
 
@@ -122,7 +122,7 @@ const UserList = ui.AbstractElement.extend({
 
 	handleRemove(index, ev) {
 		ev.preventDefault();
-		this.entries.splice(index, 1);
+		this.entries = this.entries.filter((entry, i) => i != index);
 		this.changed();
 	},
 
@@ -131,7 +131,7 @@ const UserList = ui.AbstractElement.extend({
 	},
 
 	setValue(entries) {
-		this.entries = L.toArray(entries);
+		this.entries = L.toArray(entries).slice();
 		this.drawRows();
 	}
 });
