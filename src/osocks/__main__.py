@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import workers
 
         if workers.count(settings) > 1:
-            zygote = workers.Zygote.fork()  # before any thread or event loop
+            zygote = workers.Zygote.fork(uvloop_too=settings.loop == "uvloop")  # before any thread or event loop
     loop = new_event_loop(settings)
     try:
         loop.run_until_complete(serve(command, settings, zygote))

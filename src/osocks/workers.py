@@ -164,10 +164,12 @@ class Zygote:
         channel.settimeout(FORK_TIMEOUT)
 
     @classmethod
-    def fork(cls) -> Zygote:
-        """Fork the zygote from this process: call it before any thread or event loop exists."""
-        with contextlib.suppress(ImportError):
-            import uvloop  # noqa: F401 - loaded once here, shared by every worker
+    def fork(cls, uvloop_too: bool = True) -> Zygote:
+        """Fork the zygote from this process: call it before any thread or event loop exists.
+        uvloop_too: load uvloop first, once for every worker (their pages stay shared)."""
+        if uvloop_too:
+            with contextlib.suppress(ImportError):
+                import uvloop  # noqa: F401
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sys.stdout.flush()
         sys.stderr.flush()
