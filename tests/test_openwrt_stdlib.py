@@ -64,6 +64,10 @@ class Guarded:
             [self.python_bin, *args], input=stdin, capture_output=True, text=True, env=self.env, cwd=ROOT, timeout=60
         )
 
+    def has(self, module: str) -> bool:
+        """Whether this Python has `module` at all (the guard aside)."""
+        return has_module(self.python_bin, module)
+
     def refused(self) -> list[str]:
         return self.log.read_text().splitlines() if self.log.exists() else []
 
@@ -359,3 +363,57 @@ def test_syslog_as_on_the_router(router: Guarded) -> None:
     first, rest = result.stdout.split("\n", 1)
     assert first.startswith("<30>osocks[") and "listening on 127.0.0.1:" in first  # daemon.info
     assert rest.startswith("exit 0") and "Traceback" not in rest, rest
+
+
+UCI_CONFIG = """\
+config osocks 'main'
+\tlist listen '127.0.0.1'
+\toption port '{port}'
+\toption allow_local '1'
+\tlist user '{user}'
+"""
+
+
+def test_uci_and_ubus_as_on_the_router(router: Guarded, users: Path, tmp_path: Path, echo: EchoServer) -> None:
+    """`--uci` through pyuci and the ubus methods through python-ubus, under the guard (where they are here)."""
+    missing = [name for name in ("ubusd", "ubus") if shutil.which(name) is None]
+    missing += [name for name, module in (("python-ubus", "ubus"), ("pyuci", "euci")) if not router.has(module)]
+    if missing:
+        pytest.skip(f"OpenWrt only, not installed here: {', '.join(missing)}")
+    sock = str(tmp_path / "ubus.sock")
+    ubusd = subprocess.Popen([shutil.which("ubusd") or "ubusd", "-s", sock])
+    confdir = tmp_path / "config"
+    confdir.mkdir()
+    with socket.create_server(("127.0.0.1", 0)) as probe:  # a free port for osocks
+        port = probe.getsockname()[1]
+    alice = users.read_text().splitlines()[0]
+    (confdir / "osocks").write_text(UCI_CONFIG.format(port=port, user=alice))
+    command = ["-m", "osocks", "--uci", "osocks", "--uci-dir", str(confdir), "--ubus-socket", sock]
+    osocks = subprocess.Popen(
+        [router.python_bin, *command], env=router.env, cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+
+    def ubus(method: str) -> dict:
+        out = subprocess.run(["ubus", "-s", sock, "-t", "10", "call", "osocks", method], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # on ubus first, then listening
+            try:
+                with logged_in(port, "alice", "wonderland") as client:
+                    assert echoed_through(client, "localhost", echo.port, b"uci") == b"uci"
+                break
+            except (ConnectionRefusedError, subprocess.SubprocessError):
+                assert time.monotonic() < deadline and osocks.poll() is None
+                time.sleep(0.05)
+        assert ubus("status")["listeners"] == [f"127.0.0.1:{port}"]
+        assert "changed" in ubus("reload")
+    finally:
+        osocks.terminate()
+        _, err = osocks.communicate(timeout=10)
+        ubusd.terminate()
+        ubusd.wait(5)
+    assert osocks.returncode == 0, err
+    assert "Traceback" not in err and "unknown encoding" not in err, err
