@@ -38,6 +38,8 @@ TEN_MB = 10 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
+    host_conf = Path("/etc/krb5.conf")  # krb5-user writes it; KRB5_CONFIG replaces it here, and it stays as it was
+    host_before = host_conf.read_bytes() if host_conf.exists() else None
     realm = Realm.create(tmp_path_factory.mktemp("realm"))
     saved = {name: os.environ.get(name) for name in realm.env}
     os.environ.update(realm.env)  # for python-gssapi and libcurl in this process
@@ -56,6 +58,7 @@ def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
             else:
                 os.environ[name] = value
         realm.stop()
+    assert (host_conf.read_bytes() if host_conf.exists() else None) == host_before
 
 
 @pytest.fixture
