@@ -1,5 +1,6 @@
 #!/bin/sh
-# Runtime test, as the packages-feed CI runs it once per built package:
+# Runtime test, as the packages-feed CI runs it once per built package (for python3-uvloop:
+# a name lookup and a round trip on its loop):
 #   sh test.sh PKG_NAME PKG_VERSION
 # osocks must be on PATH. Needs only busybox and what the package installs (python3 with the
 # python3-* packages of its DEPENDS: no curl, no bash, no pip). It runs osocks with two workers and
@@ -10,6 +11,34 @@ set -e
 
 case "$1" in
 osocks) ;;
+python3-uvloop)
+	echo "== uvloop: its loop, a name lookup, a TCP round trip on 127.0.0.1"
+	python3 - <<'EOF' || { echo "FAIL: python3-uvloop" >&2; exit 1; }
+import asyncio, socket, uvloop
+
+async def echo(reader, writer):
+    writer.write(await reader.readexactly(4))
+    await writer.drain()
+    writer.close()
+
+async def main():
+    loop = asyncio.get_running_loop()
+    if not type(loop).__module__.startswith("uvloop"):
+        raise SystemExit(f"not uvloop's loop: {type(loop)}")
+    infos = await loop.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)  # the idna codec
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    writer.write(b"ping")
+    answer = await reader.readexactly(4)
+    writer.close()
+    server.close()
+    print(f"uvloop {uvloop.__version__}: localhost is {infos[0][4][0]}, echoed {answer.decode()}")
+
+uvloop.run(main())
+EOF
+	echo "PASS"
+	exit 0
+	;;
 *) exit 0 ;;
 esac
 

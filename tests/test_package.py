@@ -316,8 +316,11 @@ def run_test_sh(
     and python3-uvloop if asked for."""
     release = split.release_for_running_python()
     env = {**os.environ, "PATH": busybox_path(tmp_path / "bin", hide_ubus)}
-    if release is not None:
-        packages = split.installed(release, split.DEFAULT_CONFIG if with_uvloop else ())
+    if release is not None:  # for python3-uvloop: its own DEPENDS alone
+        if args[0] == "python3-uvloop":
+            packages = release.closure(["python3-uvloop"], split.feed_recipes())
+        else:
+            packages = split.installed(release, split.DEFAULT_CONFIG if with_uvloop else ())
         env = split.guard_env(packages, release, tmp_path / "refused.log", env)
     busybox = shutil.which("busybox") or "busybox"
     argv = [*prefix, busybox, "sh", str(TEST_SH), *args]
@@ -393,5 +396,13 @@ def test_test_sh_checks_the_version(tmp_path: Path) -> None:
 
 
 def test_test_sh_ignores_other_packages() -> None:
-    result = subprocess.run(["sh", str(TEST_SH), "python3-uvloop", "0.22.1"], capture_output=True, timeout=10)
+    result = subprocess.run(["sh", str(TEST_SH), "osocks-src", "0.1.0"], capture_output=True, timeout=10)
     assert result.returncode == 0 and not result.stdout
+
+
+def test_test_sh_of_python3_uvloop_with_its_own_depends(tmp_path: Path) -> None:
+    """The packages-feed CI runs test.sh for python3-uvloop too: a name lookup on its loop needs only its DEPENDS."""
+    result = run_test_sh(tmp_path, "python3-uvloop", "0.22.1", hide_ubus=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "localhost is" in result.stdout and "echoed ping" in result.stdout
+    assert result.stdout.rstrip().endswith("PASS")
