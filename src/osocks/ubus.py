@@ -20,7 +20,9 @@ Built on python-ubus 0.1.3, whose ways were measured against a real ubusd:
   `ubus_rpc_session` to every call, which `ubus call osocks status` never has:
   so the methods are served twice, as `osocks` with the plain arguments, and as
   `osocks.luci` whose signatures add `ubus_rpc_session` (checked by rpcd's ACL
-  before the call reaches us, and ignored here);
+  before the call reaches us, and ignored here).  Rather than an rpcd ucode
+  plugin forwarding LuCI's calls: no second hop and no second language, and
+  rpcd, which serves all of LuCI one call at a time, never waits on osocks;
 * a reply must be a JSON object: the sessions list goes out as {"sessions": [...]}.
 
 Signals: libubox's loop installs its own SIGTERM (and SIGINT) handler when the
