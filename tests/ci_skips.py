@@ -23,7 +23,17 @@ def skip_allowed_in_ci(reason: str) -> bool:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     outcome = yield
-    report = outcome.get_result()  # type: ignore[attr-defined]
+    _fail_if_not_allowed(outcome.get_result())  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """A whole module skipped (pytest.importorskip, pytest.skip(allow_module_level=True))."""
+    outcome = yield
+    _fail_if_not_allowed(outcome.get_result())  # type: ignore[attr-defined]
+
+
+def _fail_if_not_allowed(report: pytest.TestReport | pytest.CollectReport) -> None:
     if not os.environ.get("CI") or not report.skipped or hasattr(report, "wasxfail"):
         return
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from ci_skips import pytest_runtest_makereport  # noqa: F401 - the hook, for pytest to find
+from ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401 - hooks, for pytest
 from osocks import socks5
 from osocks.server import Server, system_resolver
 from osocks.settings import Settings

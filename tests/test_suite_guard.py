@@ -46,12 +46,17 @@ def test_which_skips_ci_allows(reason: str, allowed: bool) -> None:
     assert skip_allowed_in_ci(reason) is allowed
 
 
-@pytest.mark.parametrize(("ci", "summary"), [("true", "1 failed, 1 skipped, 1 xfailed"), ("", "2 skipped, 1 xfailed")])
-def test_a_skip_fails_under_ci(tmp_path: Path, ci: str, summary: str) -> None:
-    (tmp_path / "conftest.py").write_text(
-        f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom ci_skips import pytest_runtest_makereport\n"
-    )
-    (tmp_path / "test_probe.py").write_text(PROBE)
+MODULE_PROBES = {  # whole modules skipped while collected
+    "test_module_needs_a_pip_package.py": 'import pytest\npytest.importorskip("no_such_module", reason="not here")\n',
+    "test_module_needs_openwrt.py": 'import pytest\npytest.skip("pyuci is not importable", allow_module_level=True)\n',
+}
+HOOKS = "from ci_skips import pytest_make_collect_report, pytest_runtest_makereport"
+
+
+def run_probes(tmp_path: Path, files: dict[str, str], ci: str) -> str:
+    (tmp_path / "conftest.py").write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\n{HOOKS}\n")
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
     env = {k: v for k, v in os.environ.items() if k != "CI"} | ({"CI": ci} if ci else {})
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path)],
@@ -61,9 +66,22 @@ def test_a_skip_fails_under_ci(tmp_path: Path, ci: str, summary: str) -> None:
         cwd=tmp_path,
         timeout=60,
     )
-    assert summary in done.stdout, done.stdout
-    if ci:
-        assert "skipped with CI set: shellcheck is not installed" in done.stdout
+    return done.stdout
+
+
+@pytest.mark.parametrize(("ci", "summary"), [("true", "1 failed, 1 skipped, 1 xfailed"), ("", "2 skipped, 1 xfailed")])
+def test_a_skip_fails_under_ci(tmp_path: Path, ci: str, summary: str) -> None:
+    output = run_probes(tmp_path, {"test_probe.py": PROBE}, ci)
+    assert summary in output, output
+    assert ("skipped with CI set: shellcheck is not installed" in output) is bool(ci)
+
+
+@pytest.mark.parametrize(("ci", "summary"), [("true", "1 skipped, 1 error"), ("", "2 skipped")])
+def test_a_skipped_module_fails_under_ci(tmp_path: Path, ci: str, summary: str) -> None:
+    """A collection error: pytest stops there, as it does for a module that does not import."""
+    output = run_probes(tmp_path, MODULE_PROBES, ci)
+    assert summary in output, output
+    assert ("ERROR test_module_needs_a_pip_package.py - skipped with CI set: not here" in output) is bool(ci)
 
 
 def tool(name: str) -> str:
