@@ -29,7 +29,7 @@ def relay_mode(request, monkeypatch) -> str:
 
 @pytest.fixture(params=["uvloop", "asyncio"])
 def loop_factory(request) -> Callable[[], asyncio.AbstractEventLoop]:
-    """...and on both event loops: uvloop's transports, and osocks' own on the stock loop (stockloop.py)."""
+    """...and on both event loops (osocks' own transports, tcp.py, on either)."""
     return uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
 
 

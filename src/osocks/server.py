@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import __version__, netinfo, stockloop
+from . import __version__, netinfo, tcp
 from .rules import allowed, first_match
 from .session import COMMAND, RELAY, Session, _endpoint
 from .settings import Settings, User
@@ -26,7 +26,6 @@ Resolver = Callable[[str, int, int], Awaitable[list[tuple[int, tuple]]]]
 
 LISTEN_FIELDS = ("listen", "port", "family", "interfaces")
 BACKLOG = 1024
-Listener = asyncio.Server | stockloop.Listener
 Connecting = Awaitable[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]
 
 
@@ -147,7 +146,7 @@ class Server:
         self.reuse_port = reuse_port  # SO_REUSEPORT: worker processes each listen on the same port
         self.counters = counters or Counters()
         self.live: set[Session] = set()
-        self.listeners: dict[tuple[str, int], Listener] = {}
+        self.listeners: dict[tuple[str, int], tcp.Listener] = {}
         self.interface_addresses: dict[str, list[str]] = {}  # OpenWrt interface → its addresses
         self._ticker: asyncio.TimerHandle | None = None
         self.fd_limit = fd_limit()
@@ -155,8 +154,7 @@ class Server:
         self._starved = 0  # connections refused for want of descriptors since the last warning
         self._starved_warned = -STARVED_WARN_EVERY
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
-        self.stock_loop = False  # asyncio's own loop, not uvloop: stockloop's transports (set by start())
-        self.poller: stockloop.Poller = None  # type: ignore[assignment]  # their epoll set, on the stock loop
+        self.poller: tcp.Poller = None  # type: ignore[assignment]  # the TCP sockets' epoll set (set by start())
         self.closed = asyncio.Event()
         self._session_numbers = itertools.count(1)
         self._pid = os.getpid()  # a worker builds its Server after the fork
@@ -165,9 +163,7 @@ class Server:
 
     async def start(self, interface_addresses: dict[str, list[str]] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
-        self.stock_loop = stockloop.is_stock(self.loop)
-        if self.stock_loop:
-            self.poller = stockloop.Poller(self.loop)
+        self.poller = tcp.Poller(self.loop)
         await self._open_listeners(self.settings, interface_addresses or {})
         self._tick()
 
@@ -186,17 +182,13 @@ class Server:
         wanted = self.listen_addresses(settings, interface_addresses)
         if not wanted and not settings.interfaces:
             raise ListenError(f"no listen address of family {settings.family}")
-        opened: dict[tuple[str, int], Listener] = {}
-        loop = asyncio.get_running_loop()
+        opened: dict[tuple[str, int], tcp.Listener] = {}
         try:
             for address in wanted:
                 if address not in self.listeners:
                     sock = listening_socket(address, settings, wanted, self.reuse_port)
                     sock.on_starved = self.starved
-                    if stockloop.is_stock(loop):
-                        opened[address] = stockloop.Listener(self.poller, sock, lambda: Session(self), BACKLOG)
-                    else:
-                        opened[address] = await loop.create_server(lambda: Session(self), sock=sock, backlog=BACKLOG)
+                    opened[address] = tcp.Listener(self.poller, sock, lambda: Session(self), BACKLOG)
         except BaseException:
             for listener in opened.values():
                 listener.close()
@@ -325,12 +317,8 @@ class Server:
         return f"denied by rule '{rule}'" if rule is not None and not rule.allow else None
 
     def open_connection(self, protocol: asyncio.Protocol, family: int, host: str, port: int) -> Connecting:
-        """A TCP connection to an IP address, read by protocol, to await: (transport, protocol), with
-        uvloop's transport, or on the stock loop one of stockloop's (asyncio's own cost much more)."""
-        local = self.source_address(family)
-        if self.stock_loop:
-            return stockloop.open_connection(self.poller, protocol, family, host, port, local)
-        return self.loop.create_connection(lambda: protocol, host, port, family=family, local_addr=local)
+        """A TCP connection to an IP address, read by protocol, to await: (transport, protocol)."""
+        return tcp.open_connection(self.poller, protocol, family, host, port, self.source_address(family))
 
     def source_address(self, family: int) -> tuple[str, int] | None:
         source = self.settings.bind_address

@@ -1,17 +1,17 @@
-"""TCP on asyncio's own event loop, without its transports: listeners, outgoing connections
-and one lean transport, its sockets watched by an epoll set of osocks' own (a Poller).
+"""TCP without the event loop's transports: listeners, outgoing connections and one lean
+transport, its sockets watched by an epoll set of osocks' own (a Poller), on either loop.
 
 asyncio's selector transports are general (SSL, buffered protocols, sendfile; a task and
 futures to set up each connection) and pure Python, and so is its loop's way to wait for a
-socket (a selector key and a Handle for each `add_reader`, Python bookkeeping for each event);
-on a router without uvloop that is most of what a short session costs.  Here the loop watches
-one descriptor, the Poller's epoll set; when it is readable the Poller calls the transports
-whose sockets are ready, straight from the epoll events.
+socket (a selector key and a Handle for each `add_reader`, Python bookkeeping for each event).
+uvloop's are C, but each still costs a handle of libuv, a Python-level registry entry and a
+loop turn or two to set up.  Here the loop watches one descriptor, the Poller's epoll set; when
+it is readable the Poller calls the transports whose sockets are ready, straight from the
+epoll events.  A short session costs less CPU this way on both loops (bench/README.md).
 
-The protocols (session, relay) are the same on both loops: this transport does what they use
-of `asyncio.Transport`, with its semantics (`connection_lost` is called soon, not from within
-`close`/`abort`; `pause_writing` above 64 KiB buffered, `resume_writing` at 16 KiB).  uvloop
-keeps its own transports.
+The protocols (session, relay) see an `asyncio.Transport`: this one does what they use of it,
+with its semantics (`connection_lost` is called soon, not from within `close`/`abort`;
+`pause_writing` above 64 KiB buffered, `resume_writing` at 16 KiB).
 """
 
 from __future__ import annotations
@@ -74,11 +74,6 @@ class Poller:
         if not self.epoll.closed:
             self.loop.remove_reader(self.epoll.fileno())
             self.epoll.close()
-
-
-def is_stock(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether loop is asyncio's own selector loop (whose transports this module replaces)."""
-    return isinstance(loop, asyncio.SelectorEventLoop)
 
 
 class Transport(asyncio.Transport):
