@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, cli, netinfo, tasks
-from .server import ListenError, Server, quiet_accept_errors, raise_fd_limit
+from .server import ListenError, Server, raise_fd_limit
 from .session import _endpoint
 from .settings import DEFAULTS, Settings, SettingsError
 
@@ -76,18 +76,12 @@ def setup_logging(settings: Settings) -> None:
 
 def new_event_loop(settings: Settings) -> asyncio.AbstractEventLoop:
     if settings.loop == "asyncio":
-        return _stock_loop()
+        return asyncio.new_event_loop()
     try:
         import uvloop
     except ImportError:  # said in the "listening on" line (loop_note), so an error exit stays one line
-        return _stock_loop()
+        return asyncio.new_event_loop()
     return uvloop.new_event_loop()
-
-
-def _stock_loop() -> asyncio.AbstractEventLoop:
-    loop = asyncio.new_event_loop()
-    loop.set_exception_handler(quiet_accept_errors)
-    return loop
 
 
 def loop_note(settings: Settings, loop: asyncio.AbstractEventLoop) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import itertools
 import logging
@@ -487,32 +486,18 @@ def raise_fd_limit() -> None:
         log.debug("file descriptors: limit %d", soft)
 
 
-def quiet_accept_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """The stock loop's handler for accept() failing with EMFILE (a traceback every retry) is replaced
-    by Server.starved's counted, rate-limited warning; everything else goes to the default handler."""
-    if context.get("message") != "socket.accept() out of system resource":
-        loop.default_exception_handler(context)
-
-
 class _ListeningSocket(socket.socket):
-    """Works around CPython gh-151615 (the stock loop of 3.11-3.13): when accept() fails for want of
-    fds, the loop still calls it `backlog` times in the same tick, each time logging and scheduling a
-    retry, and the retries multiply into a busy loop.  Here, right after such a failure, accept()
-    finds nothing to accept, so the loop waits for its one retry.  uvloop does not call this."""
+    """A listening socket that tells the server when accept() fails for want of descriptors
+    (tcp.Listener then pauses accepting for a while)."""
 
-    starved_until = 0.0
     on_starved: Callable[[], None] | None = None  # the server's count and warning
 
     def accept(self) -> tuple[socket.socket, Any]:
-        if time.monotonic() < self.starved_until:
-            raise BlockingIOError(errno.EAGAIN, "out of resources, retrying later")
         try:
             return super().accept()
         except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self.starved_until = time.monotonic() + 0.1
-                if self.on_starved is not None:
-                    self.on_starved()
+            if e.errno in tcp.OUT_OF_RESOURCES and self.on_starved is not None:
+                self.on_starved()
             raise
 
 
