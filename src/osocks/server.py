@@ -405,26 +405,26 @@ class Server:
 
     def login_allowed(self, login: User) -> bool:
         """Whether the settings still have this user with this secret (or no users at all: anyone may)."""
-        users = self.settings.users
-        return not users or any(user.name == login.name and user.secret == login.secret for user in users)
+        return _login_kept(_secrets(self.settings), login)
 
     def revoke_logins(self) -> int:
         """Close the live sessions whose user the settings removed or gave another secret; how many."""
-        secrets = {user.name: user.secret for user in self.settings.users}
+        secrets = _secrets(self.settings)
         closed: dict[str, int] = {}
         for session in list(self.live):
             login = session.login
-            if login is not None and secrets and secrets.get(login.name) != login.secret:
+            if login is not None and not _login_kept(secrets, login):
                 closed[login.name] = closed.get(login.name, 0) + 1
                 session.abort("closed by reload: user removed or password changed")
-        if closed:
-            self.counters.revoked += sum(closed.values())
+        revoked = sum(closed.values())
+        if revoked:
+            self.counters.revoked += revoked
             log.warning(
                 "reload: closed %d sessions of users removed or with a new password: %s",
-                sum(closed.values()),
+                revoked,
                 ", ".join(f"{name} ({n})" for name, n in sorted(closed.items())),
             )
-        return sum(closed.values())
+        return revoked
 
     def close(self) -> None:
         for listener in self.listeners.values():
@@ -437,6 +437,15 @@ class Server:
         if self.poller is not None:
             self.poller.close()
         self.closed.set()
+
+
+def _secrets(settings: Settings) -> dict[str, str]:
+    return {user.name: user.secret for user in settings.users}
+
+
+def _login_kept(secrets: dict[str, str], login: User) -> bool:
+    """Whether a login stays valid under these users' secrets (none configured: anyone may)."""
+    return not secrets or secrets.get(login.name) == login.secret
 
 
 def without_address(interface_addresses: dict[str, list[str]]) -> list[str]:
