@@ -50,6 +50,7 @@ COUNTED = (
     "out_of_fds",  # connections refused for want of file descriptors
 )
 _REPLIES = len(COUNTED)  # then one count per reply code
+_TOTAL, _PEAK, _BYTES_UP, _BYTES_DOWN = map(COUNTED.index, ("total", "peak", "bytes_up", "bytes_down"))
 COUNTERS_BYTES = 8 * (_REPLIES + len(ReplyCode))
 
 
@@ -115,6 +116,19 @@ class Counters:
     def __init__(self, memory: Any = None) -> None:
         self.started = time.monotonic()
         self.values = memoryview(bytearray(COUNTERS_BYTES) if memory is None else memory).cast("q")
+
+    def admitted(self, live: int) -> None:
+        """A session is admitted; live: how many are now (the peak)."""
+        values = self.values
+        values[_TOTAL] += 1
+        if live > values[_PEAK]:
+            values[_PEAK] = live
+
+    def finished(self, up: int, down: int) -> None:
+        """A session ended, having moved these bytes."""
+        values = self.values
+        values[_BYTES_UP] += up
+        values[_BYTES_DOWN] += down
 
     def replied(self, code: ReplyCode) -> None:
         self.values[_REPLIES + code] += 1
@@ -186,8 +200,7 @@ class Server:
             for address in wanted:
                 if address not in self.listeners:
                     sock = listening_socket(address, settings, wanted, self.reuse_port)
-                    sock.on_starved = self.starved
-                    opened[address] = tcp.Listener(self.poller, sock, lambda: Session(self), BACKLOG)
+                    opened[address] = tcp.Listener(self.poller, sock, lambda: Session(self), BACKLOG, self.starved)
         except BaseException:
             for listener in opened.values():
                 listener.close()
@@ -226,9 +239,7 @@ class Server:
             return False
         self.live.add(session)
         session.id = f"{self._pid}-{next(self._session_numbers)}"  # the pid tells the master which worker
-        counters.total += 1
-        if len(self.live) > counters.peak:
-            counters.peak = len(self.live)
+        counters.admitted(len(self.live))
         return True
 
     def _few_fds_left(self, session: Session) -> bool:
@@ -263,8 +274,7 @@ class Server:
         for end in (session.client_end, session.upstream_end):
             if end is not None and end.spliced:
                 self.counters.spliced += 1
-        self.counters.bytes_up += up
-        self.counters.bytes_down += down
+        self.counters.finished(up, down)
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "client %s%s%s: up %d down %d bytes in %.3fs, %s",
@@ -277,9 +287,10 @@ class Server:
                 session.outcome,
             )
 
-    def literal_address(self, host: str, port: int) -> list[tuple[int, tuple]] | None:
-        """[(family, sockaddr)] for an IP literal (no resolving, no coroutine); None for a name."""
-        literal = _literal_family(host)
+    def literal_address(self, host: str, port: int, family: int = 0) -> list[tuple[int, tuple]] | None:
+        """[(family, sockaddr)] for an IP literal (no resolving, no coroutine); None for a name.
+        family: the literal's, when the request's address type told it."""
+        literal = family or _literal_family(host)
         if literal is None:
             return None
         off = self.family_off(literal)
@@ -495,21 +506,6 @@ def raise_fd_limit() -> None:
         log.debug("file descriptors: limit %d", soft)
 
 
-class _ListeningSocket(socket.socket):
-    """A listening socket that tells the server when accept() fails for want of descriptors
-    (tcp.Listener then pauses accepting for a while)."""
-
-    on_starved: Callable[[], None] | None = None  # the server's count and warning
-
-    def accept(self) -> tuple[socket.socket, Any]:
-        try:
-            return super().accept()
-        except OSError as e:
-            if e.errno in tcp.OUT_OF_RESOURCES and self.on_starved is not None:
-                self.on_starved()
-            raise
-
-
 def _command_text(session: Session) -> str:
     """' CONNECT -> example.org:443 [192.0.2.1]': the command, what the client asked for, what it reached."""
     if not session.command:
@@ -534,12 +530,12 @@ def _literal_family(host: str) -> int | None:
 
 def listening_socket(
     address: tuple[str, int], settings: Settings, wanted: list[tuple[str, int]], reuse_port: bool = False
-) -> _ListeningSocket:
+) -> socket.socket:
     """A bound, non-blocking TCP socket for address (listen() is the caller's); ListenError if it cannot be."""
     host, port = address
     ip = ipaddress.ip_address(host)
     family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-    sock = _ListeningSocket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:

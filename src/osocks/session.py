@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -262,7 +263,7 @@ class Session(asyncio.Protocol):
         if request.port == 0:
             raise ProtocolError("destination port 0", ReplyCode.GENERAL_FAILURE)
         server = self.server
-        addresses = server.literal_address(request.host, request.port)
+        addresses = server.literal_address(request.host, request.port, _FAMILIES.get(request.address_type, 0))
         if addresses is None:
             addresses = await server.resolve(request.host, request.port)
         upstream = relay.RelayEnd()
@@ -396,6 +397,7 @@ class Session(asyncio.Protocol):
         }
 
 
+_FAMILIES = {socks5.AddressType.IPV4: socket.AF_INET, socks5.AddressType.IPV6: socket.AF_INET6}
 _COMMAND_NAMES: dict[int, str] = {Command.CONNECT: "CONNECT", Command.BIND: "BIND", Command.UDP_ASSOCIATE: "UDP"}
 
 

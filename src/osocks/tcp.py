@@ -16,6 +16,7 @@ with its semantics (`connection_lost` is called soon, not from within `close`/`a
 
 from __future__ import annotations
 
+import _socket  # the C socket type: socket.socket's Python layer (enum conversions, io refs) costs per call
 import asyncio
 import errno
 import os
@@ -94,7 +95,7 @@ class Transport(asyncio.Transport):
         "_write_paused",
     )
 
-    def __init__(self, poller: Poller, sock: socket.socket, protocol: asyncio.Protocol, peername: Any = None) -> None:
+    def __init__(self, poller: Poller, sock: _socket.socket, protocol: asyncio.Protocol, peername: Any = None) -> None:
         self._loop = poller.loop
         self._poller = poller
         self._events = 0  # what the poller waits for on this socket
@@ -261,40 +262,55 @@ class Transport(asyncio.Transport):
         return self._protocol
 
 
-def _tcp_socket(sock: socket.socket) -> None:
-    sock.setblocking(False)
+def _no_delay(sock: _socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio and uvloop set it
 
 
 class Listener:
     """A listening socket: each connection gets a protocol from protocol_factory and a Transport,
-    reading at once.  What `create_server` returns, as far as the server uses it."""
+    reading at once.  What `create_server` returns, as far as the server uses it.  on_starved is
+    called when accept() fails for want of descriptors (accepting then pauses for a while)."""
 
     def __init__(
-        self, poller: Poller, sock: socket.socket, protocol_factory: Callable[[], asyncio.Protocol], backlog: int
+        self,
+        poller: Poller,
+        sock: socket.socket,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        backlog: int,
+        on_starved: Callable[[], None] | None = None,
     ) -> None:
         self.poller = poller
         self.loop = loop = poller.loop
         self.sockets = [sock]
         self.protocol_factory = protocol_factory
+        self.on_starved = on_starved
         self._retry: asyncio.TimerHandle | None = None
         sock.listen(backlog)
         loop.add_reader(sock.fileno(), self._accept)
 
     def _accept(self) -> None:
         listening = self.sockets[0]
+        family = listening.family
         for _ in range(ACCEPTS_PER_WAKEUP):
             try:
-                sock, peername = listening.accept()
+                fd, peername = listening._accept()  # type: ignore[attr-defined]  # the C accept: a descriptor
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as e:
                 if e.errno in OUT_OF_RESOURCES:  # wait, rather than spin on a listener that stays readable
-                    self.loop.remove_reader(listening.fileno())  # (the server counts and warns)
+                    if self.on_starved is not None:
+                        self.on_starved()
+                    self.loop.remove_reader(listening.fileno())
                     self._retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
                     return
                 raise
-            _tcp_socket(sock)
+            try:
+                sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            except OSError:
+                os.close(fd)
+                continue
+            sock.setblocking(False)
+            _no_delay(sock)
             protocol = self.protocol_factory()
             transport = Transport(self.poller, sock, protocol, peername)
             protocol.connection_made(transport)
@@ -325,9 +341,9 @@ async def open_connection(
     """Connect to (host, port), an IP address: (transport, protocol), as create_connection answers;
     protocol has had connection_made, and reads once asked to (resume_reading).  OSError if the
     connection fails."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        _tcp_socket(sock)
+        _no_delay(sock)
         if local_addr is not None:
             sock.bind(local_addr)
         address = (host, port)
@@ -347,7 +363,7 @@ async def open_connection(
     return transport, protocol
 
 
-async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+async def _writable(loop: asyncio.AbstractEventLoop, sock: _socket.socket) -> None:
     waiter = loop.create_future()
     loop.add_writer(sock.fileno(), _wake, waiter)
     try:
