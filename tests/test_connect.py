@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import select
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -140,30 +142,73 @@ def test_resolution_runs_off_the_event_loop(make_server, echo: EchoServer) -> No
     slow.close()
 
 
-def test_connect_timeout_is_ttl_expired(make_server) -> None:
-    """A destination whose accept queue is full drops our SYN: no answer until -T."""
+@contextlib.contextmanager
+def full_listener() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A listener whose accept queue is full (one connection it has not accepted): a SYN to it is
+    dropped, and the connecting side tries again a second later.  (listener, that connection)"""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
-    fillers = []
-    for _ in range(4):  # fill the backlog; later SYNs are dropped
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(listener.getsockname())
-        fillers.append(s)
-    _, established, _ = select.select([], fillers, [], 10)
-    assert established  # the accept queue holds one now: it is full
-    server = make_server(connect_timeout=0.5)
+    filler = socket.socket()
+    filler.setblocking(False)
+    filler.connect_ex(listener.getsockname())
     try:
+        _, established, _ = select.select([], [filler], [], 10)
+        assert established  # the accept queue holds it now: it is full
+        yield listener, filler
+    finally:
+        filler.close()
+        listener.close()
+
+
+def send_connect(port: int, host: str, dport: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(socks5.encode_greeting(b"\x00") + socks5.encode_request(socks5.Command.CONNECT, host, dport))
+    assert recv_exactly(sock, 2) == b"\x05\x00"
+    return sock
+
+
+def test_connect_timeout_is_ttl_expired(make_server) -> None:
+    """A destination whose accept queue is full drops our SYN: no answer until -T."""
+    server = make_server(connect_timeout=0.5)
+    with full_listener() as (listener, _):
         started = time.monotonic()
         sock, code, _, _ = socks_connect(server.port, "127.0.0.1", listener.getsockname()[1])
         with sock:
             assert code == ReplyCode.TTL_EXPIRED
             assert 0.4 < time.monotonic() - started < 10  # not before -T
-    finally:
-        for s in fillers:
-            s.close()
-        listener.close()
+    server.wait_for(lambda s: s["sessions"]["live"] == 0)
+
+
+def test_a_connection_still_under_way_completes_later(make_server) -> None:
+    """The SYN is dropped, so connect() is still under way when osocks has tried twice: the session
+    waits for the socket to be writable and relays once the destination takes the retried SYN."""
+    server = make_server()
+    with full_listener() as (listener, _), send_connect(server.port, "127.0.0.1", listener.getsockname()[1]) as sock:
+        time.sleep(0.2)  # osocks' SYN has been dropped by now (the kernel retries it after a second)
+        listener.accept()[0].close()  # room in the queue for the retried SYN
+        code, _, _ = read_reply(sock)
+        assert code == ReplyCode.SUCCEEDED
+        conn, _ = listener.accept()
+        with conn:
+            sock.sendall(b"late but there")
+            assert recv_exactly(conn, 14) == b"late but there"
+    assert server.status()["replies"]["succeeded"] == 1
+
+
+def test_a_connection_refused_while_under_way_is_connection_refused(make_server) -> None:
+    """The retried SYN finds the port closed: the connection under way fails, and the reply says why."""
+    server = make_server()
+    with full_listener() as (listener, filler):
+        port = listener.getsockname()[1]
+        with send_connect(server.port, "127.0.0.1", port) as sock:
+            time.sleep(0.2)
+            filler.close()
+            listener.close()
+            code, _, _ = read_reply(sock)
+            assert code == ReplyCode.CONNECTION_REFUSED
+            assert wait_closed(sock) == b""
+    server.wait_for(lambda s: s["sessions"]["live"] == 0)
 
 
 def test_denied_destination_is_not_allowed(make_server, echo: EchoServer) -> None:

@@ -88,20 +88,31 @@ def test_a_session_that_ends_in_the_handshake_names_no_command(make_server, capl
     assert re.match(r"client 127\.0\.0\.1:\d+: up 0 down 0 bytes in ", line), line
 
 
-@pytest.mark.parametrize("command", [Command.BIND, Command.UDP_ASSOCIATE, Command.CONNECT])
-def test_a_bug_in_a_command_is_an_error_with_its_traceback(make_server, monkeypatch, caplog, command) -> None:
+@pytest.mark.parametrize(
+    ("command", "host"),
+    [
+        (Command.BIND, "127.0.0.1"),
+        (Command.UDP_ASSOCIATE, "127.0.0.1"),
+        (Command.CONNECT, "127.0.0.1"),  # started from the handshake's data_received, no task
+        (Command.CONNECT, "localhost"),  # from the task that resolves the name
+    ],
+)
+def test_a_bug_in_a_command_is_an_error_with_its_traceback(make_server, monkeypatch, caplog, command, host) -> None:
     """A programming error is no destination's fault: not a quiet reply 01, but one ERROR with the traceback."""
 
-    async def broken(*args: object) -> None:
+    def planted() -> None:
         raise AttributeError("'NoneType' object has no attribute 'planted'")
+
+    async def broken(*args: object) -> None:
+        planted()
 
     monkeypatch.setattr(session_module, "bind", broken)
     monkeypatch.setattr(session_module, "associate", broken)
-    monkeypatch.setattr(session_module.Session, "_connect", broken)
+    monkeypatch.setattr(session_module.Session, "_dial", lambda *args, **kwargs: planted())
     caplog.set_level(logging.INFO, logger="osocks")
     server = make_server()
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(socks5.encode_greeting(b"\x00") + socks5.encode_request(command, "127.0.0.1", 9))
+        sock.sendall(socks5.encode_greeting(b"\x00") + socks5.encode_request(command, host, 9))
         assert recv_exactly(sock, 2) == b"\x05\x00"
         assert read_reply(sock)[0] == ReplyCode.GENERAL_FAILURE
         assert wait_closed(sock) == b""

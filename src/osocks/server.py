@@ -25,7 +25,6 @@ Resolver = Callable[[str, int, int], Awaitable[list[tuple[int, tuple]]]]
 
 LISTEN_FIELDS = ("listen", "port", "family", "interfaces")
 BACKLOG = 1024
-Connecting = Awaitable[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]
 
 
 class ListenError(Exception):
@@ -326,9 +325,9 @@ class Server:
         rule = first_match(rules, netinfo.reached_address(host), port) if rules else None
         return f"denied by rule '{rule}'" if rule is not None and not rule.allow else None
 
-    def open_connection(self, protocol: asyncio.Protocol, family: int, host: str, port: int) -> Connecting:
-        """A TCP connection to an IP address, read by protocol, to await: (transport, protocol)."""
-        return tcp.open_connection(self.poller, protocol, family, host, port, self.source_address(family))
+    def connect(self, protocol: asyncio.Protocol, family: int, host: str, port: int) -> tcp.Transport | tcp.Connecting:
+        """A TCP connection to an IP address, read by protocol: made already, or under way (tcp.connect)."""
+        return tcp.connect(self.poller, protocol, family, host, port, self.source_address(family))
 
     def source_address(self, family: int) -> tuple[str, int] | None:
         source = self.settings.bind_address

@@ -8,12 +8,14 @@ stream); only the command itself (resolving, connecting) runs as a task.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from . import netinfo, relay, socks5
+from . import netinfo, relay, socks5, tcp
 from .bind import bind
 from .socks5 import Command, Method, ProtocolError, ReplyCode
 from .udp import Association, associate
@@ -45,6 +47,7 @@ class Session(asyncio.Protocol):
         "client_end",
         "upstream_end",
         "task",
+        "connecting",
         "user",
         "login",
         "udp",
@@ -68,6 +71,7 @@ class Session(asyncio.Protocol):
         self.client_end: relay.RelayEnd | None = None
         self.upstream_end: relay.RelayEnd | None = None
         self.task: asyncio.Task | None = None
+        self.connecting: tcp.Connecting | None = None  # CONNECT's connection under way
         self.user = ""
         self.login: User | None = None  # the configured user this client logged in as
         self.udp: Association | None = None
@@ -101,6 +105,8 @@ class Session(asyncio.Protocol):
             self._advance()
         except ProtocolError as e:
             self.fail(e.reply, str(e))
+        except Exception as e:  # the handshake's bug, or a command's started here (CONNECT to an address)
+            self._command_failed(e)
 
     def _advance(self) -> None:
         while self.buffer:
@@ -237,53 +243,89 @@ class Session(asyncio.Protocol):
             return
         self.state = COMMAND
         self.active = time.monotonic()  # the server's sweep enforces the connect timeout from here
+        if request.command == Command.CONNECT:
+            if request.port == 0:
+                raise ProtocolError("destination port 0", ReplyCode.GENERAL_FAILURE)
+            family = _FAMILIES.get(request.address_type, 0)
+            addresses = self.server.literal_address(request.host, request.port, family)
+            if addresses is not None:  # an IP address: connect now, no task
+                self._dial(iter(addresses), named=False)
+                return
         self.task = self.server.loop.create_task(self._command(request))
 
     async def _command(self, request: socks5.Request) -> None:
-        """Run the command; any failure becomes its reply code, then close."""
+        """Run the command (CONNECT: resolve the name first); any failure becomes its reply code."""
         try:
             if request.command == Command.CONNECT:
-                await self._connect(request)
+                addresses = await self.server.resolve(request.host, request.port)
+                self.task = None
+                self._dial(iter(addresses), named=True)
             elif request.command == Command.BIND:
                 await bind(self, request)
             else:
                 await associate(self, request)
-        except ProtocolError as e:
-            self.fail(e.reply, str(e))
-        except OSError as e:  # what a destination or the resolver can cause; timeouts included
-            self.fail(socks5.reply_for_error(e), _describe(e))
-        except Exception:  # a bug: say so once, loudly, with its traceback
-            log.exception("client %s: %s failed on an internal error", _endpoint(self.client), self.command_name())
+        except Exception as e:
+            self._command_failed(e)
+
+    def _command_failed(self, error: BaseException) -> None:
+        """A failed command's reply: the code its error tells; a bug is logged once, with its traceback."""
+        if isinstance(error, ProtocolError):
+            self.fail(error.reply, str(error))
+        elif isinstance(error, OSError):  # what a destination or the resolver can cause; timeouts included
+            self.fail(socks5.reply_for_error(error), _describe(error))
+        else:
+            log.error(
+                "client %s: %s failed on an internal error", _endpoint(self.client), self.command_name(), exc_info=error
+            )
             self.fail(ReplyCode.GENERAL_FAILURE, "internal error")
 
     # -- CONNECT -----------------------------------------------------------
 
-    async def _connect(self, request: socks5.Request) -> None:
-        """Try each address of the destination in turn; the last error tells the reply."""
-        if request.port == 0:
-            raise ProtocolError("destination port 0", ReplyCode.GENERAL_FAILURE)
+    def _dial(self, addresses: Iterator[tuple[int, tuple]], named: bool, error: BaseException | None = None) -> None:
+        """Connect to the destination's next address; once none is left, the last error tells the reply.
+        A connection under way (tcp.Connecting) comes back to _dialed."""
         server = self.server
-        addresses = server.literal_address(request.host, request.port, _FAMILIES.get(request.address_type, 0))
-        if addresses is None:
-            addresses = await server.resolve(request.host, request.port)
-        upstream = relay.RelayEnd()
-        error: BaseException | None = None
         for family, sockaddr in addresses:
             host, port = sockaddr[0], sockaddr[1]
             refused = server.destination_refused(host, port)
             if refused is not None:
                 error = ProtocolError(f"destination {_endpoint(sockaddr)} {refused}", ReplyCode.NOT_ALLOWED)
                 continue
+            upstream = relay.RelayEnd()
             try:
-                transport, _ = await server.open_connection(upstream, family, host, port)
+                connection = server.connect(upstream, family, host, port)
             except OSError as e:
                 error = e
                 continue
-            if request.address_type == socks5.AddressType.DOMAIN:
-                self.reached = host
-            self.succeed(transport, upstream)  # type: ignore[arg-type]
+            if isinstance(connection, tcp.Connecting):
+                connection.on_done = functools.partial(self._dialed, upstream, host, addresses, named)
+                self.connecting = connection
+                return
+            self._reached(connection, upstream, host, named)
             return
-        raise error or OSError("no address to connect to")
+        self._command_failed(error or OSError("no address to connect to"))
+
+    def _dialed(
+        self,
+        upstream: relay.RelayEnd,
+        host: str,
+        addresses: Iterator[tuple[int, tuple]],
+        named: bool,
+        result: tcp.Transport | OSError,
+    ) -> None:
+        self.connecting = None
+        try:
+            if isinstance(result, OSError):
+                self._dial(addresses, named, result)
+            else:
+                self._reached(result, upstream, host, named)
+        except Exception as e:
+            self._command_failed(e)
+
+    def _reached(self, transport: tcp.Transport, upstream: relay.RelayEnd, host: str, named: bool) -> None:
+        if named:
+            self.reached = host
+        self.succeed(transport, upstream)
 
     def succeed(
         self, upstream_transport: asyncio.Transport, upstream: relay.RelayEnd, bound: tuple | None = None
@@ -344,6 +386,9 @@ class Session(asyncio.Protocol):
         if self.task is not None:
             self.task.cancel()
             self.task = None
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
         if self.udp is not None:
             self.udp.close()
         if self.client_end is None:
@@ -397,7 +442,7 @@ class Session(asyncio.Protocol):
         }
 
 
-_FAMILIES = {socks5.AddressType.IPV4: socket.AF_INET, socks5.AddressType.IPV6: socket.AF_INET6}
+_FAMILIES: dict[int, int] = {socks5.AddressType.IPV4: socket.AF_INET, socks5.AddressType.IPV6: socket.AF_INET6}
 _COMMAND_NAMES: dict[int, str] = {Command.CONNECT: "CONNECT", Command.BIND: "BIND", Command.UDP_ASSOCIATE: "UDP"}
 
 

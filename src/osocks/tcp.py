@@ -44,10 +44,10 @@ class Poller:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.epoll = select.epoll()
-        self.transports: dict[int, Transport] = {}  # by fd
+        self.transports: dict[int, Transport | Connecting] = {}  # by fd
         loop.add_reader(self.epoll.fileno(), self._dispatch)
 
-    def watch(self, transport: Transport, events: int) -> None:
+    def watch(self, transport: Transport | Connecting, events: int) -> None:
         """Wait for these events (READABLE | WRITABLE, or 0: none) on the transport's socket."""
         fd = transport._fd
         if not transport._events:
@@ -330,17 +330,17 @@ class Listener:
         self.sockets.pop().close()
 
 
-async def open_connection(
+def connect(
     poller: Poller,
     protocol: asyncio.Protocol,
     family: int,
     host: str,
     port: int,
     local_addr: tuple[str, int] | None = None,
-) -> tuple[Transport, asyncio.Protocol]:
-    """Connect to (host, port), an IP address: (transport, protocol), as create_connection answers;
-    protocol has had connection_made, and reads once asked to (resume_reading).  OSError if the
-    connection fails."""
+) -> Transport | Connecting:
+    """Connect to (host, port), an IP address.  Connected at once (on loopback often): the transport,
+    whose protocol has had connection_made and reads once asked to (resume_reading).  Else the
+    Connecting, whose on_done gets the transport or the error.  OSError if it fails at once."""
     sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         _no_delay(sock)
@@ -351,27 +351,53 @@ async def open_connection(
         if error in CONNECTING:
             error = sock.connect_ex(address)  # on loopback the handshake is often over already
             if error in CONNECTING:
-                await _writable(poller.loop, sock)
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                return Connecting(poller, sock, protocol)
         if error not in CONNECTED:
             raise OSError(error, os.strerror(error))
     except BaseException:
         sock.close()
         raise
+    return _connected(poller, sock, protocol)
+
+
+def _connected(poller: Poller, sock: _socket.socket, protocol: asyncio.Protocol) -> Transport:
     transport = Transport(poller, sock, protocol)
     protocol.connection_made(transport)
-    return transport, protocol
+    return transport
 
 
-async def _writable(loop: asyncio.AbstractEventLoop, sock: _socket.socket) -> None:
-    waiter = loop.create_future()
-    loop.add_writer(sock.fileno(), _wake, waiter)
-    try:
-        await waiter
-    finally:
-        loop.remove_writer(sock.fileno())
+class Connecting:
+    """An outgoing connection under way: the poller waits for its socket to be writable, then
+    on_done gets the connected transport or the error.  cancel() gives up (closes the socket)."""
+
+    __slots__ = ("_poller", "_sock", "_fd", "_events", "_protocol", "on_done")
+
+    def __init__(self, poller: Poller, sock: _socket.socket, protocol: asyncio.Protocol) -> None:
+        self._poller = poller
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._events = 0
+        self._protocol = protocol
+        self.on_done: Callable[[Transport | OSError], None] = _unused
+        poller.watch(self, WRITABLE)
+
+    def _read_ready(self) -> None:  # never watched for
+        pass
+
+    def _write_ready(self) -> None:  # connected, or failed
+        self._poller.watch(self, 0)
+        error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._sock.close()
+            self.on_done(OSError(error, os.strerror(error)))
+        else:
+            self.on_done(_connected(self._poller, self._sock, self._protocol))
+
+    def cancel(self) -> None:
+        if self._events:
+            self._poller.watch(self, 0)
+        self._sock.close()
 
 
-def _wake(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+def _unused(result: Transport | OSError) -> None:
+    pass
