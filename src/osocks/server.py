@@ -237,9 +237,13 @@ class Server:
             self.starved()
             return False
         self.live.add(session)
-        session.id = f"{self._pid}-{next(self._session_numbers)}"  # the pid tells the master which worker
+        session.number = next(self._session_numbers)
         counters.admitted(len(self.live))
         return True
+
+    def session_id(self, session: Session) -> str:
+        """The session's id in status and for disconnect: the pid tells the master which worker."""
+        return f"{self._pid}-{session.number}"
 
     def _few_fds_left(self, session: Session) -> bool:
         """Whether the accepted socket took one of the last FD_RESERVE descriptors (descriptors are
@@ -266,9 +270,10 @@ class Server:
         self._starved_warned = time.monotonic()
 
     def session_finished(self, session: Session) -> None:
-        if session not in self.live:
+        try:
+            self.live.remove(session)
+        except KeyError:  # never admitted, or finished already
             return
-        self.live.discard(session)
         up, down = session.bytes_moved()
         for end in (session.client_end, session.upstream_end):
             if end is not None and end.spliced:
@@ -394,7 +399,7 @@ class Server:
     def disconnect(self, session_id: str) -> dict[str, Any]:
         """Close the live session `sessions` lists with this id; LookupError when there is none."""
         for session in self.live:
-            if session.id == session_id:
+            if self.session_id(session) == session_id:
                 session.abort("disconnected by the administrator")
                 return {"disconnected": session_id}
         raise LookupError(f"no live session {session_id}")

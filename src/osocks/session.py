@@ -53,7 +53,7 @@ class Session(asyncio.Protocol):
         "udp",
         "client_eof",
         "command",
-        "id",
+        "number",
         "reached",
     )
 
@@ -77,7 +77,7 @@ class Session(asyncio.Protocol):
         self.udp: Association | None = None
         self.client_eof = False
         self.command = 0
-        self.id = ""  # given by the server when it admits the session
+        self.number = 0  # given by the server when it admits the session (status shows its id)
         self.reached = ""  # the address a name led to (CONNECT), or BIND's peer: for the log
 
     @property
@@ -431,7 +431,7 @@ class Session(asyncio.Protocol):
     def describe(self) -> dict:
         up, down = self.bytes_moved()
         return {
-            "id": self.id,
+            "id": self.server.session_id(self),
             "client": _endpoint(self.client),
             "destination": self.target,
             "user": self.user,

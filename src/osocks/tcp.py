@@ -60,6 +60,12 @@ class Poller:
             del self.transports[fd]
         transport._events = events
 
+    def forget(self, transport: Transport) -> None:
+        """Stop watching a transport whose socket is closed next, no epoll_ctl(2): closing the
+        socket takes it out of the epoll set (its only descriptor: nothing has a duplicate)."""
+        del self.transports[transport._fd]
+        transport._events = 0
+
     def _dispatch(self) -> None:
         transports = self.transports
         for fd, events in self.epoll.poll(0, EVENTS_PER_TURN):
@@ -93,6 +99,7 @@ class Transport(asyncio.Transport):
         "_lost",
         "_eof_asked",
         "_write_paused",
+        "_shared",
     )
 
     def __init__(self, poller: Poller, sock: _socket.socket, protocol: asyncio.Protocol, peername: Any = None) -> None:
@@ -110,6 +117,7 @@ class Transport(asyncio.Transport):
         self._lost = False  # connection_lost is scheduled
         self._eof_asked = False  # write_eof(): shut down writing once the buffer is sent
         self._write_paused = False
+        self._shared = False  # the socket was handed out (get_extra_info): it may have been duplicated
 
     # -- reading -----------------------------------------------------------
 
@@ -125,9 +133,11 @@ class Transport(asyncio.Transport):
             self._protocol.data_received(data)
             return
         self._read_eof = True
-        self.pause_reading()
+        self._reading = False
         if not self._protocol.eof_received():
             self.close()
+        if self._events & READABLE and not self._lost:  # still open: no more reading a socket at EOF
+            self._poller.watch(self, self._events & ~READABLE)
 
     def pause_reading(self) -> None:
         if self._reading:
@@ -178,10 +188,11 @@ class Transport(asyncio.Transport):
             self._protocol.resume_writing()
         if self._buffer:
             return
-        self._poller.watch(self, self._events & ~WRITABLE)
         if self._closing:
             self._connection_lost_soon(None)
-        elif self._eof_asked:
+            return
+        self._poller.watch(self, self._events & ~WRITABLE)
+        if self._eof_asked:
             self._shutdown_writing()
 
     def write_eof(self) -> None:
@@ -210,8 +221,9 @@ class Transport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        self.pause_reading()
-        if not self._buffer:
+        if self._buffer:
+            self.pause_reading()
+        else:
             self._connection_lost_soon(None)
 
     def abort(self) -> None:
@@ -222,13 +234,15 @@ class Transport(asyncio.Transport):
             return
         self._buffer.clear()
         self._closing = True
-        self._reading = False
-        if self._events:
-            self._poller.watch(self, 0)
         self._connection_lost_soon(error)
 
     def _connection_lost_soon(self, error: Exception | None) -> None:
         self._lost = True
+        self._reading = False
+        if self._shared and self._events:
+            self._poller.watch(self, 0)
+        elif self._events:
+            self._poller.forget(self)
         self._loop.call_soon(self._connection_lost, error)
 
     def _connection_lost(self, error: Exception | None) -> None:
@@ -253,7 +267,10 @@ class Transport(asyncio.Transport):
                 return self._sock.getsockname()
         except OSError:
             return default
-        return self._sock if name == "socket" else default
+        if name == "socket":
+            self._shared = True
+            return self._sock
+        return default
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol  # type: ignore[assignment]
