@@ -119,6 +119,40 @@ def test_destination_half_close_keeps_the_other_direction(make_server) -> None:
     server.wait_for(lambda s: s["sessions"]["live"] == 0)
 
 
+def test_an_answer_with_its_fin_behind_it_ends_one_direction_only(make_server) -> None:
+    """The destination answers and shuts down writing at once, so its FIN arrives with the answer
+    (osocks takes the end of the stream from the same wake-up): the client gets the answer and EOF,
+    and what it sends after still reaches the destination."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    got = []
+
+    def destination() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        assert recv_exactly(conn, 7) == b"request"
+        conn.sendall(b"answer" * 1000)
+        conn.shutdown(socket.SHUT_WR)
+        got.append(wait_closed(conn))
+        conn.close()
+
+    thread = threading.Thread(target=destination)
+    thread.start()
+    server = make_server()
+    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", listener.getsockname()[1])
+    assert code == ReplyCode.SUCCEEDED
+    sock.sendall(b"request")
+    assert wait_closed(sock) == b"answer" * 1000
+    sock.sendall(b"and one more thing")
+    sock.shutdown(socket.SHUT_WR)
+    thread.join(10)
+    sock.close()
+    listener.close()
+    assert got == [b"and one more thing"]
+    server.wait_for(lambda s: s["sessions"]["live"] == 0)
+
+
 def rst_close(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()

@@ -39,7 +39,7 @@ class Session(asyncio.Protocol):
         "state",
         "buffer",
         "_client",
-        "target",
+        "destination",
         "started",
         "active",
         "seen_bytes",
@@ -64,7 +64,7 @@ class Session(asyncio.Protocol):
         self.state = GREETING
         self.buffer = b""
         self._client: tuple | None = None  # the client's address, asked for when first needed
-        self.target = ""
+        self.destination: tuple[str, int] | None = None  # what the request named (host, port)
         self.started = self.active = time.monotonic()
         self.seen_bytes = 0
         self.outcome = ""
@@ -79,6 +79,11 @@ class Session(asyncio.Protocol):
         self.command = 0
         self.number = 0  # given by the server when it admits the session (status shows its id)
         self.reached = ""  # the address a name led to (CONNECT), or BIND's peer: for the log
+
+    @property
+    def target(self) -> str:
+        """The destination as the log and status show it: 'example.org:443', '[2001:db8::1]:80'."""
+        return _endpoint(self.destination) if self.destination is not None else ""
 
     @property
     def client(self) -> tuple:
@@ -235,7 +240,7 @@ class Session(asyncio.Protocol):
         self.auth_failed(name)
 
     def _run(self, request: socks5.Request) -> None:
-        self.target = f"{_host(request.host)}:{request.port}"
+        self.destination = (request.host, request.port)
         self.command = request.command
         if request.command not in (Command.CONNECT, Command.BIND, Command.UDP_ASSOCIATE):
             self.state = COMMAND  # so that fail() replies

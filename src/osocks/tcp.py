@@ -33,7 +33,7 @@ ACCEPTS_PER_WAKEUP = 64
 OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 CONNECTING = {errno.EINPROGRESS, errno.EALREADY}
 CONNECTED = {0, errno.EISCONN}
-READABLE = select.EPOLLIN
+READABLE = select.EPOLLIN | select.EPOLLRDHUP  # RDHUP: the peer's FIN has arrived (with the data, often)
 WRITABLE = select.EPOLLOUT
 EVENTS_PER_TURN = 256  # epoll events handled per turn of the loop; more wait for the next turn
 
@@ -73,7 +73,7 @@ class Poller:
             if transport is None:  # stopped watching since
                 continue
             if events & ~WRITABLE and transport._events & READABLE:  # readable, hung up or failed
-                transport._read_ready()
+                transport._read_ready(events)
             if events & ~READABLE and transport._events & WRITABLE:
                 transport._write_ready()
 
@@ -121,7 +121,7 @@ class Transport(asyncio.Transport):
 
     # -- reading -----------------------------------------------------------
 
-    def _read_ready(self) -> None:
+    def _read_ready(self, events: int) -> None:
         try:
             data = self._sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -131,7 +131,9 @@ class Transport(asyncio.Transport):
             return
         if data:
             self._protocol.data_received(data)
-            return
+            if not (events & select.EPOLLRDHUP and len(data) < READ_SIZE and self._reading):
+                return
+            # the FIN had arrived behind what was read, all of it: the end of the stream, no recv() needed
         self._read_eof = True
         self._reading = False
         if not self._protocol.eof_received():
@@ -398,7 +400,7 @@ class Connecting:
         self.on_done: Callable[[Transport | OSError], None] = _unused
         poller.watch(self, WRITABLE)
 
-    def _read_ready(self) -> None:  # never watched for
+    def _read_ready(self, events: int) -> None:  # never watched for
         pass
 
     def _write_ready(self) -> None:  # connected, or failed
