@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import itertools
 import logging
@@ -199,7 +200,8 @@ class Server:
             for address in wanted:
                 if address not in self.listeners:
                     sock = listening_socket(address, settings, wanted, self.reuse_port)
-                    opened[address] = tcp.Listener(self.poller, sock, lambda: Session(self), BACKLOG, self.starved)
+                    new_session = functools.partial(Session, self)
+                    opened[address] = tcp.Listener(self.poller, sock, new_session, BACKLOG, self.starved)
         except BaseException:
             for listener in opened.values():
                 listener.close()
@@ -297,9 +299,10 @@ class Server:
         literal = family or _literal_family(host)
         if literal is None:
             return None
-        off = self.family_off(literal)
-        if off is not None:
-            raise ProtocolError(off, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
+        if self.settings.family != "any":
+            off = self.family_off(literal)
+            if off is not None:
+                raise ProtocolError(off, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
         return [(literal, (host, port))]
 
     def family_off(self, family: int) -> str | None:
@@ -332,7 +335,8 @@ class Server:
 
     def connect(self, protocol: asyncio.Protocol, family: int, host: str, port: int) -> tcp.Transport | tcp.Connecting:
         """A TCP connection to an IP address, read by protocol: made already, or under way (tcp.connect)."""
-        return tcp.connect(self.poller, protocol, family, host, port, self.source_address(family))
+        source = self.source_address(family) if self.settings.bind_address is not None else None
+        return tcp.connect(self.poller, protocol, family, host, port, source)
 
     def source_address(self, family: int) -> tuple[str, int] | None:
         source = self.settings.bind_address

@@ -246,7 +246,10 @@ GSS_ABORT = bytes((GSS_VERSION, GssMessage.ABORT))
 
 
 def select_method(method: Method) -> bytes:
-    return bytes((VERSION, method))
+    return _METHOD_SELECTED[method]
+
+
+_METHOD_SELECTED = {method: bytes((VERSION, method)) for method in Method}
 
 
 def auth_reply(ok: bool) -> bytes:

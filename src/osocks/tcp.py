@@ -35,6 +35,7 @@ CONNECTING = {errno.EINPROGRESS, errno.EALREADY}
 CONNECTED = {0, errno.EISCONN}
 READABLE = select.EPOLLIN | select.EPOLLRDHUP  # RDHUP: the peer's FIN has arrived (with the data, often)
 WRITABLE = select.EPOLLOUT
+_TCP, _NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY  # set on every socket, as asyncio and uvloop do
 EVENTS_PER_TURN = 256  # epoll events handled per turn of the loop; more wait for the next turn
 
 
@@ -281,10 +282,6 @@ class Transport(asyncio.Transport):
         return self._protocol
 
 
-def _no_delay(sock: _socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio and uvloop set it
-
-
 class Listener:
     """A listening socket: each connection gets a protocol from protocol_factory and a Transport,
     reading at once.  What `create_server` returns, as far as the server uses it.  on_starved is
@@ -329,7 +326,7 @@ class Listener:
                 os.close(fd)
                 continue
             sock.setblocking(False)
-            _no_delay(sock)
+            sock.setsockopt(_TCP, _NODELAY, 1)
             protocol = self.protocol_factory()
             transport = Transport(self.poller, sock, protocol, peername)
             protocol.connection_made(transport)
@@ -362,7 +359,7 @@ def connect(
     Connecting, whose on_done gets the transport or the error.  OSError if it fails at once."""
     sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        _no_delay(sock)
+        sock.setsockopt(_TCP, _NODELAY, 1)
         if local_addr is not None:
             sock.bind(local_addr)
         address = (host, port)
