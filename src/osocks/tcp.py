@@ -9,6 +9,9 @@ loop turn or two to set up.  Here the loop watches one descriptor, the Poller's 
 it is readable the Poller calls the transports whose sockets are ready, straight from the
 epoll events.  A short session costs less CPU this way on both loops (bench/README.md).
 
+Bytes go through os.read/os.write on the descriptor: the same system calls as recv/send without
+their argument parsing, and never after the socket is closed (a transport is closing by then).
+
 The protocols (session, relay) see an `asyncio.Transport`: this one does what they use of it,
 with its semantics (`connection_lost` is called soon, not from within `close`/`abort`;
 `pause_writing` above 64 KiB buffered, `resume_writing` at 16 KiB).
@@ -33,7 +36,8 @@ ACCEPTS_PER_WAKEUP = 64
 OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 CONNECTING = {errno.EINPROGRESS, errno.EALREADY}
 CONNECTED = {0, errno.EISCONN}
-READABLE = select.EPOLLIN | select.EPOLLRDHUP  # RDHUP: the peer's FIN has arrived (with the data, often)
+_PEER_SHUT_DOWN = select.EPOLLRDHUP  # the peer's FIN has arrived (behind the data, often)
+READABLE = select.EPOLLIN | _PEER_SHUT_DOWN
 WRITABLE = select.EPOLLOUT
 _TCP, _NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY  # set on every socket, as asyncio and uvloop do
 EVENTS_PER_TURN = 256  # epoll events handled per turn of the loop; more wait for the next turn
@@ -124,7 +128,7 @@ class Transport(asyncio.Transport):
 
     def _read_ready(self, events: int) -> None:
         try:
-            data = self._sock.recv(READ_SIZE)
+            data = os.read(self._fd, READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -132,7 +136,7 @@ class Transport(asyncio.Transport):
             return
         if data:
             self._protocol.data_received(data)
-            if not (events & select.EPOLLRDHUP and len(data) < READ_SIZE and self._reading):
+            if not (events & _PEER_SHUT_DOWN and len(data) < READ_SIZE and self._reading):
                 return
             # the FIN had arrived behind what was read, all of it: the end of the stream, no recv() needed
         self._read_eof = True
@@ -162,7 +166,7 @@ class Transport(asyncio.Transport):
             return
         if not self._buffer:
             try:
-                sent = self._sock.send(data)
+                sent = os.write(self._fd, data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as e:
@@ -179,7 +183,7 @@ class Transport(asyncio.Transport):
 
     def _write_ready(self) -> None:
         try:
-            sent = self._sock.send(self._buffer)
+            sent = os.write(self._fd, self._buffer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
