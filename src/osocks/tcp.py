@@ -115,7 +115,7 @@ class Transport(asyncio.Transport):
         self._fd = sock.fileno()
         self._protocol = protocol
         self._peername = peername  # what accept() said; asked of the kernel otherwise
-        self._buffer = bytearray()  # what the socket did not take yet
+        self._buffer: bytes | bytearray = b""  # what the socket did not take yet (a bytearray once there is some)
         self._reading = False
         self._read_eof = False
         self._closing = False  # close() or abort() called: nothing more is read
@@ -176,7 +176,10 @@ class Transport(asyncio.Transport):
                 return
             data = memoryview(data)[sent:]
             self._poller.watch(self, self._events | WRITABLE)
-        self._buffer += data
+        if self._buffer:
+            self._buffer += data
+        else:
+            self._buffer = bytearray(data)
         if not self._write_paused and len(self._buffer) > HIGH_WATER:
             self._write_paused = True
             self._protocol.pause_writing()
@@ -189,7 +192,7 @@ class Transport(asyncio.Transport):
         except OSError as e:
             self._force_close(e)
             return
-        del self._buffer[:sent]
+        del self._buffer[:sent]  # type: ignore[union-attr]  # a bytearray: there was something to send
         if self._write_paused and len(self._buffer) <= LOW_WATER:
             self._write_paused = False
             self._protocol.resume_writing()
@@ -239,7 +242,7 @@ class Transport(asyncio.Transport):
     def _force_close(self, error: Exception | None) -> None:
         if self._lost:
             return
-        self._buffer.clear()
+        self._buffer = b""
         self._closing = True
         self._connection_lost_soon(error)
 
