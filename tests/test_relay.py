@@ -90,8 +90,9 @@ def test_client_half_close_keeps_the_other_direction(make_server) -> None:
         echo.close()
 
 
-def test_destination_half_close_keeps_the_other_direction(make_server) -> None:
-    """The destination sends FIN first; the client can still send, and the destination reads it."""
+def half_close_by_the_destination(make_server, request: bytes, answer: bytes, after: bytes) -> None:
+    """The destination reads `request`, sends `answer` and shuts down writing at once, then reads
+    to EOF: the client gets the answer and EOF, and `after`, sent then, still reaches the destination."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -100,39 +101,8 @@ def test_destination_half_close_keeps_the_other_direction(make_server) -> None:
     def destination() -> None:
         conn, _ = listener.accept()
         conn.settimeout(10)
-        conn.sendall(b"banner")
-        conn.shutdown(socket.SHUT_WR)
-        got.append(wait_closed(conn))
-        conn.close()
-
-    thread = threading.Thread(target=destination)
-    thread.start()
-    server = make_server()
-    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", listener.getsockname()[1])
-    assert wait_closed(sock) == b"banner"  # EOF reaches the client
-    sock.sendall(b"still talking")
-    sock.shutdown(socket.SHUT_WR)
-    thread.join(10)
-    sock.close()
-    listener.close()
-    assert got == [b"still talking"]
-    server.wait_for(lambda s: s["sessions"]["live"] == 0)
-
-
-def test_an_answer_with_its_fin_behind_it_ends_one_direction_only(make_server) -> None:
-    """The destination answers and shuts down writing at once, so its FIN arrives with the answer
-    (osocks takes the end of the stream from the same wake-up): the client gets the answer and EOF,
-    and what it sends after still reaches the destination."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    got = []
-
-    def destination() -> None:
-        conn, _ = listener.accept()
-        conn.settimeout(10)
-        assert recv_exactly(conn, 7) == b"request"
-        conn.sendall(b"answer" * 1000)
+        assert recv_exactly(conn, len(request)) == request
+        conn.sendall(answer)
         conn.shutdown(socket.SHUT_WR)
         got.append(wait_closed(conn))
         conn.close()
@@ -142,15 +112,27 @@ def test_an_answer_with_its_fin_behind_it_ends_one_direction_only(make_server) -
     server = make_server()
     sock, code, _, _ = socks_connect(server.port, "127.0.0.1", listener.getsockname()[1])
     assert code == ReplyCode.SUCCEEDED
-    sock.sendall(b"request")
-    assert wait_closed(sock) == b"answer" * 1000
-    sock.sendall(b"and one more thing")
+    sock.sendall(request)
+    assert wait_closed(sock) == answer  # EOF reaches the client
+    sock.sendall(after)
     sock.shutdown(socket.SHUT_WR)
     thread.join(10)
     sock.close()
     listener.close()
-    assert got == [b"and one more thing"]
+    assert got == [after]
     server.wait_for(lambda s: s["sessions"]["live"] == 0)
+
+
+def test_destination_half_close_keeps_the_other_direction(make_server) -> None:
+    """The destination sends FIN first; the client can still send, and the destination reads it."""
+    half_close_by_the_destination(make_server, b"", b"banner", b"still talking")
+
+
+def test_an_answer_with_its_fin_behind_it_ends_one_direction_only(make_server) -> None:
+    """The destination answers and shuts down writing at once, so its FIN arrives with the answer
+    (osocks takes the end of the stream from the same wake-up): the client gets the answer and EOF,
+    and what it sends after still reaches the destination."""
+    half_close_by_the_destination(make_server, b"request", b"answer" * 1000, b"and one more thing")
 
 
 def rst_close(sock: socket.socket) -> None:
