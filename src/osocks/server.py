@@ -299,10 +299,9 @@ class Server:
         literal = family or _literal_family(host)
         if literal is None:
             return None
-        if self.settings.family != "any":
-            off = self.family_off(literal)
-            if off is not None:
-                raise ProtocolError(off, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
+        off = self.family_off(literal)
+        if off is not None:
+            raise ProtocolError(off, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
         return [(literal, (host, port))]
 
     def family_off(self, family: int) -> str | None:
@@ -335,8 +334,7 @@ class Server:
 
     def connect(self, protocol: asyncio.Protocol, family: int, host: str, port: int) -> tcp.Transport | tcp.Connecting:
         """A TCP connection to an IP address, read by protocol: made already, or under way (tcp.connect)."""
-        source = self.source_address(family) if self.settings.bind_address is not None else None
-        return tcp.connect(self.poller, protocol, family, host, port, source)
+        return tcp.connect(self.poller, protocol, family, host, port, self.source_address(family))
 
     def source_address(self, family: int) -> tuple[str, int] | None:
         source = self.settings.bind_address
