@@ -36,6 +36,23 @@ def test_connect_ipv4_relays_and_reports_bound_address(osocks: ServerThread, ech
     assert status["bytes"] == {"up": 4, "down": 4}
 
 
+def test_both_sockets_of_a_session_send_without_nagle(osocks: ServerThread, echo: EchoServer) -> None:
+    """TCP_NODELAY on the client's socket (the listener's, which Linux passes on to each accepted
+    one) and on the destination's: a small reply is never held back waiting for an ACK."""
+    sock, code, _, _ = socks_connect(osocks.port, "127.0.0.1", echo.port)
+    with sock:
+        assert code == ReplyCode.SUCCEEDED
+
+        def nodelay_of_live_sessions() -> list[tuple[int, int]]:
+            def nodelay(transport: asyncio.Transport) -> int:
+                return transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+            return [(nodelay(s.transport), nodelay(s.upstream_end.transport)) for s in osocks.server.live]
+
+        (options,) = osocks.call(nodelay_of_live_sessions)
+        assert all(options), options
+
+
 def test_connect_ipv6(
     make_server,
 ) -> None:
