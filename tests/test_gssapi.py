@@ -18,7 +18,7 @@ import pytest
 import uvloop
 from kerberos import REALM, Realm, missing_tools
 
-from conftest import ROOT, EchoServer, HttpServer, OsocksProcess, ServerThread, recv_exactly
+from conftest import ROOT, EchoServer, HttpServer, OsocksProcess, ServerThread, recv_exactly, wait_closed
 from osocks import socks5
 from osocks.socks5 import Command, GssMessage, Method, ReplyCode
 
@@ -471,6 +471,56 @@ def test_the_allow_list_of_principals(
     expect_rejected(client)
     osocks.wait_for(lambda s: s["auth_failures"] == 1)
     works(osocks.port, echo)
+
+
+def a_tunnel_of(port: int, echo: EchoServer, ccache: Path) -> GssClient:
+    """A GSSAPI session (no protection) relaying to the echo server."""
+    client = GssClient(port, ccache)
+    assert client.login(0) == 0
+    assert client.request(Command.CONNECT, "127.0.0.1", echo.port)[0] == ReplyCode.SUCCEEDED
+    return client
+
+
+def echoes(client: GssClient) -> bool:
+    client.send(b"ping")
+    return client.recv(4) == b"ping"
+
+
+def test_a_reload_that_drops_a_principal_closes_its_sessions(
+    gss_server: Callable[..., ServerThread], echo: EchoServer, realm: Realm
+) -> None:
+    osocks = gss_server(gssapi_principals=(f"*@{REALM}",))
+    alice = a_tunnel_of(osocks.port, echo, ccache_of(realm, "alice"))
+    bob = a_tunnel_of(osocks.port, echo, ccache_of(realm, "bob"))
+    settings = osocks.server.settings
+    answer = osocks.run(osocks.server.reload(settings.replace(gssapi_principals=(ALICE, f"*@OTHER.{REALM}"))))
+    assert answer["revoked"] == 1
+    assert wait_closed(bob.sock) == b""
+    assert echoes(alice)
+    status = osocks.wait_for(lambda s: s["sessions"]["live"] == 1)
+    assert status["sessions"]["revoked"] == 1
+    assert osocks.status()["auth_failures"] == 0
+    # other changes and an empty list (every principal) close no one
+    answer = osocks.run(osocks.server.reload(osocks.server.settings.replace(gssapi_principals=(), idle_timeout=99.0)))
+    assert answer["revoked"] == 0 and echoes(alice)
+    alice.close()
+    bob.close()
+
+
+def test_a_principal_dropped_during_its_handshake_is_refused(
+    gss_server: Callable[..., ServerThread], echo: EchoServer, realm: Realm
+) -> None:
+    """The reload comes after the security context is made, before the protection level: refused."""
+    osocks = gss_server(gssapi_principals=(ALICE, BOB))
+    client = GssClient(osocks.port, ccache_of(realm, "bob"))
+    assert client.greet() == Method.GSSAPI
+    client.authenticate()
+    osocks.run(osocks.server.reload(osocks.server.settings.replace(gssapi_principals=(ALICE,))))
+    with pytest.raises(Rejected):
+        client.negotiate(0)
+    client.close()
+    assert osocks.wait_for(lambda s: s["auth_failures"] == 1)["sessions"]["live"] == 0
+    works(osocks.port, echo, ccache=ccache_of(realm, "alice"))
 
 
 def _flip(token: bytes, at: int) -> bytes:

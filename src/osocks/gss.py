@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import socks5
+from .settings import principal_allowed
 from .socks5 import GSS_ABORT, GssMessage, Protection, ProtocolError
 
 if TYPE_CHECKING:
@@ -74,9 +75,7 @@ class Acceptor:
         return result.context, result.token, principal, int(result.flags), time.perf_counter() - started
 
     def allows(self, principal: str) -> bool:
-        if not self.principals:
-            return True
-        return principal in self.principals or "*@" + principal.rpartition("@")[2] in self.principals
+        return principal_allowed(self.principals, principal)
 
     def grant(self, asked: int, flags: int) -> Protection | None:
         """The level to answer, or None to refuse: below the minimum, or not a level at all."""
@@ -206,6 +205,10 @@ class Handshake(asyncio.Protocol):
         if len(asked) != 1:
             self._fail(f"protection level message of {len(asked)} bytes", self.principal)
             return
+        session = self.session
+        if session.settings is not session.server.settings and not session.server.principal_allowed(self.principal):
+            self._fail("no longer in the allowed principals (a reload)", self.principal)  # since the context was made
+            return
         level = self.acceptor.grant(asked[0], self.flags)
         if level is None:
             self._fail(f"protection level {asked[0]} refused (minimum {self.acceptor.minimum.name.lower()})")
@@ -214,7 +217,7 @@ class Handshake(asyncio.Protocol):
         self.transport.write(socks5.encode_gss_frame(GssMessage.PROTECTION, answer))
         rest, self.buffer = self.buffer, b""
         self.done = True
-        session, principal = self.session, self.principal or ""
+        principal = self.principal or ""
         if level == Protection.NONE:
             session.authenticated(principal, self.transport, rest)
             return

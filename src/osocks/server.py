@@ -17,7 +17,7 @@ from typing import Any
 from . import __version__, netinfo, tcp
 from .rules import allowed, first_match
 from .session import COMMAND, RELAY, Session, _endpoint
-from .settings import Settings, User
+from .settings import Settings, User, principal_allowed
 from .socks5 import Command, ProtocolError, ReplyCode
 
 log = logging.getLogger("osocks")
@@ -37,7 +37,7 @@ COUNTED = (
     "peak",
     "refused",
     "denied",
-    "revoked",  # sessions closed by a reload that removed their user or changed the password
+    "revoked",  # sessions closed by a reload that removed their user, changed the password or dropped the principal
     "auth_failures",
     "bytes_up",  # of finished sessions; live ones are added in status()
     "bytes_down",
@@ -417,15 +417,19 @@ class Server:
         if any(name in changed for name in (*LISTEN_FIELDS, "interface_addresses")):
             opened = await self._open_listeners(settings, interface_addresses)
         self.settings = settings
-        revoked = self.revoke_logins() if "users" in changed else 0
+        revoked = self.revoke_logins() if "users" in changed or "gssapi_principals" in changed else 0
         return {"changed": changed, "opened": opened, "listeners": self.status()["listeners"], "revoked": revoked}
 
     def login_allowed(self, login: User) -> bool:
         """Whether the settings still have this user with this secret (or no users at all: anyone may)."""
         return _login_kept(_secrets(self.settings), login)
 
+    def principal_allowed(self, principal: str) -> bool:
+        return principal_allowed(self.settings.gssapi_principals, principal)
+
     def revoke_logins(self) -> int:
-        """Close the live sessions whose user the settings removed or gave another secret; how many."""
+        """Close the live sessions whose user the settings removed or gave another secret, or whose
+        GSSAPI principal they no longer allow; how many."""
         secrets = _secrets(self.settings)
         closed: dict[str, int] = {}
         for session in list(self.live):
@@ -433,11 +437,14 @@ class Server:
             if login is not None and not _login_kept(secrets, login):
                 closed[login.name] = closed.get(login.name, 0) + 1
                 session.abort("closed by reload: user removed or password changed")
+            elif session.principal and not self.principal_allowed(session.principal):
+                closed[session.principal] = closed.get(session.principal, 0) + 1
+                session.abort("closed by reload: principal no longer allowed")
         revoked = sum(closed.values())
         if revoked:
             self.counters.revoked += revoked
             log.warning(
-                "reload: closed %d sessions of users removed or with a new password: %s",
+                "reload: closed %d sessions of removed users, changed passwords or principals no longer allowed: %s",
                 revoked,
                 ", ".join(f"{name} ({n})" for name, n in sorted(closed.items())),
             )

@@ -50,6 +50,7 @@ class Session(asyncio.Protocol):
         "connecting",
         "user",
         "login",
+        "principal",
         "udp",
         "client_eof",
         "command",
@@ -74,6 +75,7 @@ class Session(asyncio.Protocol):
         self.connecting: tcp.Connecting | None = None  # CONNECT's connection under way
         self.user = ""
         self.login: User | None = None  # the configured user this client logged in as
+        self.principal = ""  # the Kerberos principal this client authenticated as (GSSAPI)
         self.udp: Association | None = None
         self.client_eof = False
         self.command = 0
@@ -184,7 +186,7 @@ class Session(asyncio.Protocol):
 
     def authenticated(self, user: str, transport: asyncio.Transport, rest: bytes, can_splice: bool = True) -> None:
         """GSSAPI is done: `transport` (the client's, or a gss.Channel protecting it) carries the request."""
-        self.user = user
+        self.user = self.principal = user
         self.transport = transport
         if not can_splice:
             self.settings = self.settings.replace(splice=False)

@@ -8,6 +8,7 @@ and UCI speak milliseconds, as the original osocks did.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Collection
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
@@ -142,6 +143,13 @@ def check_principal_pattern(name: str, pattern: str) -> None:
     who, at, realm = pattern.rpartition("@")
     if not at or not who or not realm or "*" in realm or ("*" in who and who != "*"):
         raise SettingsError(f"{name}: {pattern!r} must be name@REALM or *@REALM")
+
+
+def principal_allowed(patterns: Collection[str], principal: str) -> bool:
+    """Whether gssapi_principals lets this principal in (none configured: every one)."""
+    if not patterns:
+        return True
+    return principal in patterns or "*@" + principal.rpartition("@")[2] in patterns
 
 
 def parse_user(text: str, option: str = "user") -> User:
