@@ -124,6 +124,29 @@ def test_a_bug_in_a_command_is_an_error_with_its_traceback(make_server, monkeypa
     assert "internal error (reply general_failure)" in line
 
 
+def test_a_bug_in_the_handshake_is_an_error_with_its_traceback(make_server, monkeypatch, caplog, echo) -> None:
+    """Before any request: logged as the handshake's (not as a "command 0x00"), the client closed, the
+    next one served."""
+
+    def planted(*args: object) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'planted'")
+
+    caplog.set_level(logging.INFO, logger="osocks")
+    server = make_server()
+    with monkeypatch.context() as patched:
+        patched.setattr(session_module.Session, "_choose_method", planted)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(socks5.encode_greeting(b"\x00"))
+            assert wait_closed(sock) == b""
+        server.wait_for(lambda s: s["sessions"]["live"] == 0)
+    (error,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert error.exc_info is not None and "planted" in caplog.text
+    assert "the handshake failed on an internal error" in error.getMessage()
+    sock, code, _, _ = socks_connect(server.port, "127.0.0.1", echo.port)
+    sock.close()
+    assert code == ReplyCode.SUCCEEDED
+
+
 @pytest.mark.parametrize("where", ["_send_to_name", "_open_outbound"])
 def test_a_bug_in_a_udp_task_is_an_error_with_its_traceback(make_server, monkeypatch, caplog, where: str) -> None:
     """The tasks UDP starts per datagram are kept and their errors logged by osocks, not left to the

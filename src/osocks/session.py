@@ -281,9 +281,8 @@ class Session(asyncio.Protocol):
         elif isinstance(error, OSError):  # what a destination or the resolver can cause; timeouts included
             self.fail(socks5.reply_for_error(error), _describe(error))
         else:
-            log.error(
-                "client %s: %s failed on an internal error", _endpoint(self.client), self.command_name(), exc_info=error
-            )
+            what = self.command_name() if self.command else "the handshake"  # no request read yet
+            log.error("client %s: %s failed on an internal error", _endpoint(self.client), what, exc_info=error)
             self.fail(ReplyCode.GENERAL_FAILURE, "internal error")
 
     # -- CONNECT -----------------------------------------------------------
