@@ -205,9 +205,9 @@ class Handshake(asyncio.Protocol):
         if len(asked) != 1:
             self._fail(f"protection level message of {len(asked)} bytes", self.principal)
             return
-        session = self.session
-        if session.settings is not session.server.settings and not session.server.principal_allowed(self.principal):
-            self._fail("no longer in the allowed principals (a reload)", self.principal)  # since the context was made
+        session, principal = self.session, self.principal or ""
+        if session.settings is not session.server.settings and not session.server.principal_allowed(principal):
+            self._fail("no longer in the allowed principals (a reload)", principal)  # since the context was made
             return
         level = self.acceptor.grant(asked[0], self.flags)
         if level is None:
@@ -217,7 +217,6 @@ class Handshake(asyncio.Protocol):
         self.transport.write(socks5.encode_gss_frame(GssMessage.PROTECTION, answer))
         rest, self.buffer = self.buffer, b""
         self.done = True
-        principal = self.principal or ""
         if level == Protection.NONE:
             session.authenticated(principal, self.transport, rest)
             return
