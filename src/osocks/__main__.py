@@ -59,6 +59,7 @@ def setup_logging(settings: Settings) -> None:
     logging.raiseExceptions = False  # a log line that cannot be written is no reason for a traceback
     # no getpid() and thread lookups for every record: the syslog tag gets this process's pid below
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    logging._srcfile = None  # nor a walk up the stack for the caller's file and line, which no format shows
     handler: logging.Handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("osocks: %(levelname)s %(message)s"))
     no_syslog = settings.syslog and not os.path.exists(SYSLOG_SOCKET)
