@@ -435,11 +435,13 @@ class Server:
         for session in list(self.live):
             login = session.login
             if login is not None and not _login_kept(secrets, login):
-                closed[login.name] = closed.get(login.name, 0) + 1
-                session.abort("closed by reload: user removed or password changed")
+                who, why = login.name, "user removed or password changed"
             elif session.principal and not self.principal_allowed(session.principal):
-                closed[session.principal] = closed.get(session.principal, 0) + 1
-                session.abort("closed by reload: principal no longer allowed")
+                who, why = session.principal, "principal no longer allowed"
+            else:
+                continue
+            closed[who] = closed.get(who, 0) + 1
+            session.abort(f"closed by reload: {why}")
         revoked = sum(closed.values())
         if revoked:
             self.counters.revoked += revoked
