@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from test_hardening import FD_LIMIT, accept_queue, echo_round_trip, fd_count, open_hogs, open_tunnel, start_osocks
+from test_hardening import FD_LIMIT, echo_round_trip, fd_count, open_hogs, open_tunnel, start_osocks, wait_hogs_gone
 from test_workers import status_of, wait_status
 
 from conftest import EchoServer
@@ -82,12 +82,7 @@ def test_sockets_are_closed_not_leaked_when_refused(run_osocks, echo: EchoServer
     wait_warnings(server, 1)
     for sock in hogs:
         sock.close()
-    # the hogs the server had no descriptor for wait in its accept queue, closed by now: it accepts
-    # them once accepting resumes and needs a descriptor for each until it reads their end
-    deadline = time.monotonic() + 10
-    while accept_queue(server.port) or fd_count(server.proc.pid) > FD_LIMIT // 2:
-        assert time.monotonic() < deadline, (accept_queue(server.port), fd_count(server.proc.pid))
-        time.sleep(0.05)
+    wait_hogs_gone(server)
     with socket.create_connection(("127.0.0.1", server.port), timeout=5):
         pass
     fresh = open_tunnel(server.port, echo.port)

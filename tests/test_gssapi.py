@@ -204,15 +204,29 @@ def expect_rejected(client: GssClient, token: bytes | None = None) -> None:
     client.close()
 
 
-def works(port: int, echo: EchoServer, level: int = 0, ccache: Path | None = None) -> None:
-    """A whole session: login, CONNECT to the echo server, a few bytes there and back."""
+def a_tunnel_of(port: int, echo: EchoServer, ccache: Path | None = None, level: int = 0) -> GssClient:
+    """A GSSAPI session at this protection level, relaying to the echo server."""
     client = GssClient(port, ccache)
     try:
         assert client.login(level) == level
         code, _, _ = client.request(Command.CONNECT, "127.0.0.1", echo.port)
         assert code == ReplyCode.SUCCEEDED
-        client.send(b"ping")
-        assert client.recv(4) == b"ping"
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def echoes(client: GssClient) -> bool:
+    client.send(b"ping")
+    return client.recv(4) == b"ping"
+
+
+def works(port: int, echo: EchoServer, level: int = 0, ccache: Path | None = None) -> None:
+    """A whole session: login, CONNECT to the echo server, a few bytes there and back."""
+    client = a_tunnel_of(port, echo, ccache, level)
+    try:
+        assert echoes(client)
     finally:
         client.close()
 
@@ -471,19 +485,6 @@ def test_the_allow_list_of_principals(
     expect_rejected(client)
     osocks.wait_for(lambda s: s["auth_failures"] == 1)
     works(osocks.port, echo)
-
-
-def a_tunnel_of(port: int, echo: EchoServer, ccache: Path) -> GssClient:
-    """A GSSAPI session (no protection) relaying to the echo server."""
-    client = GssClient(port, ccache)
-    assert client.login(0) == 0
-    assert client.request(Command.CONNECT, "127.0.0.1", echo.port)[0] == ReplyCode.SUCCEEDED
-    return client
-
-
-def echoes(client: GssClient) -> bool:
-    client.send(b"ping")
-    return client.recv(4) == b"ping"
 
 
 def test_a_reload_that_drops_a_principal_closes_its_sessions(

@@ -153,6 +153,14 @@ def accept_queue(port: int) -> int:
     raise AssertionError(f"no listener on port {port}")
 
 
+def wait_hogs_gone(server: OsocksProcess) -> None:
+    """After a flood of connections that are closed now: the server has accepted and closed every
+    one of them. Those that found no descriptor wait in the accept queue, and each takes one again
+    when accepted, until its end is read."""
+    pid = server.proc.pid
+    wait_until(lambda: not accept_queue(server.port) and fd_count(pid) < FD_LIMIT // 2, 10, "the hogs' fds are freed")
+
+
 def close_wait_count(pid: int) -> int:
     return tcp_states(pid).count(TCP_CLOSE_WAIT)
 
@@ -300,8 +308,7 @@ def test_fd_exhaustion_keeps_serving_without_spinning(loop: str, tmp_path: Path,
     finally:
         for sock in hogs:
             sock.close()
-    # the hogs that found no descriptor wait in the accept queue, closed: each takes one again when accepted
-    wait_until(lambda: not accept_queue(server.port) and fd_count(pid) < FD_LIMIT // 2, 10, "the hogs' fds are freed")
+    wait_hogs_gone(server)
     fresh = open_tunnel(server.port, echo.port)  # accepted again
     echo_round_trip(fresh)
     echo_round_trip(tunnel)
